@@ -1,0 +1,47 @@
+"""CLI flags generated from `NodeConfig`, so the flags, the TOML keys and the env vars never drift.
+
+Each field becomes `--field-name` (tuple fields named in the plural become a repeatable singular flag:
+`peers` -> `--peer`), with its docstring as help text and its environment variable named in the help.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+import click
+
+from cellmesh.config import config_fields
+
+F = TypeVar("F", bound=Callable[..., Any])
+
+
+def _flag_name(name: str, is_tuple: bool) -> str:
+    base = name[:-1] if is_tuple and name.endswith("s") else name
+    return "--" + base.replace("_", "-")
+
+
+def config_options(fn: F) -> F:
+    """Decorate a click command with one option per NodeConfig field."""
+    for f in reversed(config_fields()):
+        is_tuple = f.type_name.startswith("tuple")
+        flag = _flag_name(f.name, is_tuple)
+        meta = "HOST:PORT" if f.name in ("listen", "peers") else None
+        help_text = f"{f.doc} [env {f.env_var}; default {f.default!r}]"
+        if is_tuple:
+            opt = click.option(flag, f.name, multiple=True, metavar=meta, help=help_text)
+        else:
+            opt = click.option(flag, f.name, default=None, metavar=meta, help=help_text)
+        fn = opt(fn)
+    return fn
+
+
+def overrides_from(flags: dict[str, Any]) -> dict[str, object]:
+    """The flags the user actually gave (unset ones are None or empty and are left out)."""
+    out: dict[str, object] = {}
+    for f in config_fields():
+        v = flags.get(f.name)
+        if v is None or (isinstance(v, tuple) and not v):
+            continue
+        out[f.name] = v
+    return out

@@ -1,0 +1,617 @@
+"""Node configuration: the `NodeConfig` record, its validation, and pure loading.
+
+Settings come from four layers, later ones winning::
+
+    defaults  <  config.toml  <  CELLMESH_<FIELD> environment variables  <  CLI overrides
+
+`load_config` takes the TOML *text* and the environment mapping, so it is pure: reading the
+file is the caller's job (`cellmesh.node.home.NodeHome.load_config`). Every problem raises
+`ConfigError` with a one-line message naming where the bad value came from (the TOML source,
+the environment variable, or the CLI flag) and the setting.
+
+Every `NodeConfig` field carries ``metadata={"doc": ...}``; `config_fields()` exposes them for
+CLI ``--help`` and documentation, and `render_default_config()` writes a commented template.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import difflib
+import ipaddress
+import math
+import re
+import tomllib
+from collections.abc import Iterator, Mapping
+from dataclasses import dataclass, field
+from typing import Any, Final
+
+from cellmesh.errors import ConfigError
+
+__all__ = [
+    "DEFAULT_PORT",
+    "ENV_PREFIX",
+    "LOG_FORMATS",
+    "LOG_LEVELS",
+    "ConfigField",
+    "NodeConfig",
+    "config_fields",
+    "env_var_name",
+    "load_config",
+    "parse_host_port",
+    "render_default_config",
+]
+
+DEFAULT_PORT: Final = 19541
+"""UDP port cellmesh listens on and assumes for peers given without one."""
+
+ENV_PREFIX: Final = "CELLMESH_"
+"""Environment variables ``CELLMESH_<FIELD_UPPER>`` override config.toml."""
+
+LOG_LEVELS: Final = ("debug", "info", "warning", "error")
+LOG_FORMATS: Final = ("text", "json")
+
+MAX_NAME_LEN: Final = 64
+MIN_REPLAY_WINDOW: Final = 2048
+MAX_REPLAY_WINDOW: Final = 1 << 20
+MAX_REKEY_AFTER_PACKETS: Final = 1 << 63
+MIN_DATAGRAM: Final = 1280
+MAX_DATAGRAM: Final = 65507
+MIN_RECV_BUFFER: Final = 4096
+MAX_RECV_BUFFER: Final = (1 << 31) - 1
+MAX_LISTEN: Final = 64
+MAX_PEERS: Final = 4096
+
+
+def _doc(text: str) -> dict[str, str]:
+    return {"doc": text}
+
+
+@dataclass(frozen=True)
+class NodeConfig:
+    """Validated settings of one node. Construct directly, or via `load_config`.
+
+    Construction validates every field and raises `ConfigError` naming the bad one. Lists
+    given for tuple fields are turned into tuples, ints given for float fields into floats,
+    and `log_level` / `log_format` are lower-cased.
+    """
+
+    listen: tuple[str, ...] = field(
+        default=(f"[::]:{DEFAULT_PORT}",),
+        metadata=_doc(
+            "UDP addresses to listen on, as HOST:PORT (IPv6 in brackets; port 0 picks a free port)."
+        ),
+    )
+    peers: tuple[str, ...] = field(
+        default=(), metadata=_doc("Peers to contact at startup, as HOST:PORT (IPv6 in brackets).")
+    )
+    name: str = field(
+        default="",
+        metadata=_doc("Human-readable node name shown to peers (at most 64 characters)."),
+    )
+    log_level: str = field(
+        default="info", metadata=_doc("Log verbosity: debug, info, warning or error.")
+    )
+    log_format: str = field(default="text", metadata=_doc("Log output format: text or json."))
+    handshake_timeout: float = field(
+        default=5.0,
+        metadata=_doc("Seconds before a pending handshake gives up, across all retransmissions."),
+    )
+    handshake_retries: int = field(
+        default=4,
+        metadata=_doc("Times a handshake initiation is retransmitted before the attempt fails."),
+    )
+    rekey_after_seconds: float = field(
+        default=120.0,
+        metadata=_doc("Seconds after which a session handshakes again to replace its keys."),
+    )
+    rekey_after_packets: int = field(
+        default=2**48, metadata=_doc("Packets sent under one key after which the session rekeys.")
+    )
+    reject_after_seconds: float = field(
+        default=180.0,
+        metadata=_doc(
+            "Seconds after which a session key is refused outright (must exceed "
+            "rekey_after_seconds)."
+        ),
+    )
+    keepalive_interval: float = field(
+        default=10.0,
+        metadata=_doc("Seconds without sending after which a session sends a keepalive."),
+    )
+    idle_timeout: float = field(
+        default=60.0, metadata=_doc("Seconds with nothing received after which a session closes.")
+    )
+    replay_window: int = field(
+        default=4096,
+        metadata=_doc("Anti-replay window size in packets (at least 2048, a multiple of 64)."),
+    )
+    max_sessions: int = field(
+        default=4096, metadata=_doc("Maximum number of established sessions.")
+    )
+    max_pending_handshakes: int = field(
+        default=1024, metadata=_doc("Maximum number of handshakes in progress at once.")
+    )
+    handshake_rate: float = field(
+        default=1000.0,
+        metadata=_doc("Handshake initiations per second processed before cookies are demanded."),
+    )
+    max_datagram: int = field(
+        default=MAX_DATAGRAM,
+        metadata=_doc("Largest UDP datagram sent or accepted, in bytes (1280 to 65507)."),
+    )
+    recv_buffer: int = field(
+        default=4 * 1024 * 1024, metadata=_doc("UDP socket receive buffer (SO_RCVBUF) in bytes.")
+    )
+
+    def __post_init__(self) -> None:
+        for f in dataclasses.fields(self):
+            value = getattr(self, f.name)
+            fixed = _coerce_python(f.name, _kind_of(f), value, label=None)
+            if fixed is not value:
+                object.__setattr__(self, f.name, fixed)
+        for name in ("log_level", "log_format"):
+            object.__setattr__(self, name, getattr(self, name).lower())
+        for _fields, message in _problems({f.name: getattr(self, f.name) for f in _FIELDS}):
+            raise ConfigError(message)
+
+    @property
+    def listen_addresses(self) -> tuple[tuple[str, int], ...]:
+        """`listen` parsed into (host, port) pairs; IPv6 hosts without brackets."""
+        return tuple(parse_host_port(a) for a in self.listen)
+
+    @property
+    def peer_addresses(self) -> tuple[tuple[str, int], ...]:
+        """`peers` parsed into (host, port) pairs; IPv6 hosts without brackets."""
+        return tuple(parse_host_port(a) for a in self.peers)
+
+
+@dataclass(frozen=True, slots=True)
+class ConfigField:
+    """Description of one `NodeConfig` setting, for CLI help and documentation."""
+
+    name: str
+    type_name: str
+    default: object
+    doc: str
+
+    @property
+    def env_var(self) -> str:
+        """The environment variable that sets this field."""
+        return env_var_name(self.name)
+
+
+def env_var_name(field_name: str) -> str:
+    """Return the ``CELLMESH_*`` environment variable for a `NodeConfig` field."""
+    return ENV_PREFIX + field_name.upper()
+
+
+_FIELDS: Final = dataclasses.fields(NodeConfig)
+
+
+def config_fields() -> list[ConfigField]:
+    """Describe every `NodeConfig` field, in declaration order."""
+    return [
+        ConfigField(f.name, str(f.type), f.default, str(f.metadata["doc"]))
+        for f in dataclasses.fields(NodeConfig)
+    ]
+
+
+# --- addresses -------------------------------------------------------------------------------
+
+_HOSTNAME_LABEL = re.compile(r"[A-Za-z0-9](?:[A-Za-z0-9-]{0,61}[A-Za-z0-9])?")
+_DOTTED_NUMERIC = re.compile(r"[0-9.]+")
+
+
+def _check_hostname(text: str, host: str) -> None:
+    if _DOTTED_NUMERIC.fullmatch(host):
+        try:
+            ipaddress.IPv4Address(host)
+        except ValueError:
+            raise ConfigError(
+                f"invalid address {text!r}: {host!r} is not an IPv4 address"
+            ) from None
+        return
+    name = host[:-1] if host.endswith(".") else host
+    if len(name) > 253 or not all(_HOSTNAME_LABEL.fullmatch(lbl) for lbl in name.split(".")):
+        raise ConfigError(
+            f"invalid address {text!r}: {host!r} is not a valid host name or IP address"
+        )
+
+
+def _parse_port(text: str, port_text: str) -> int:
+    if not port_text:
+        raise ConfigError(f"invalid address {text!r}: missing port after ':'")
+    if not (port_text.isascii() and port_text.isdigit()) or len(port_text) > 5:
+        raise ConfigError(f"invalid address {text!r}: port must be a number 0-65535")
+    port = int(port_text)
+    if port > 65535:
+        raise ConfigError(f"invalid address {text!r}: port {port} is out of range 0-65535")
+    return port
+
+
+def parse_host_port(text: str, default_port: int = DEFAULT_PORT) -> tuple[str, int]:
+    """Parse ``HOST:PORT`` into (host, port).
+
+    Accepted: ``1.2.3.4:5``, ``host.example:5``, ``[::1]:5``, ``[::]:19541``, and a host without
+    a port (``1.2.3.4``, ``host``, ``[::1]``), which gets `default_port`. IPv6 addresses must be
+    in brackets; the returned host has no brackets. Ports 0-65535 are accepted (0 means "any
+    free port" and only makes sense for listening). Raises `ConfigError` saying what is wrong.
+    """
+    if not isinstance(text, str):
+        raise ConfigError(f"address must be a string, got {type(text).__name__}")
+    if not 0 <= default_port <= 65535:
+        raise ConfigError(f"default port {default_port} is out of range 0-65535")
+    stripped = text.strip()
+    if not stripped:
+        raise ConfigError("address is empty; expected HOST:PORT")
+    if stripped.startswith("["):
+        end = stripped.find("]")
+        if end < 0:
+            raise ConfigError(f"invalid address {text!r}: missing ']' after IPv6 address")
+        host = stripped[1:end]
+        rest = stripped[end + 1 :]
+        try:
+            ipaddress.IPv6Address(host)
+        except ValueError:
+            raise ConfigError(
+                f"invalid address {text!r}: {host!r} in brackets is not an IPv6 address"
+            ) from None
+        if not rest:
+            return host, default_port
+        if not rest.startswith(":"):
+            raise ConfigError(f"invalid address {text!r}: expected ':PORT' after ']'")
+        return host, _parse_port(text, rest[1:])
+    colons = stripped.count(":")
+    if colons > 1:
+        raise ConfigError(
+            f"invalid address {text!r}: put IPv6 addresses in brackets, "
+            f"e.g. [{stripped}]:{default_port}"
+        )
+    if colons == 1:
+        host, port_text = stripped.split(":")
+        if not host:
+            raise ConfigError(
+                f"invalid address {text!r}: missing host (use 0.0.0.0{stripped} or [::]{stripped})"
+            )
+        _check_hostname(text, host)
+        return host, _parse_port(text, port_text)
+    _check_hostname(text, stripped)
+    return stripped, default_port
+
+
+# --- types and coercion ----------------------------------------------------------------------
+
+_KINDS: Final = {
+    "tuple[str, ...]": "tuple",
+    "str": "str",
+    "int": "int",
+    "float": "float",
+    "bool": "bool",
+}
+_EXPECTED: Final = {
+    "tuple": "an array of strings",
+    "str": "a string",
+    "int": "an integer",
+    "float": "a number",
+    "bool": "a boolean",
+}
+
+
+def _kind_of(f: dataclasses.Field[Any]) -> str:
+    return _KINDS[str(f.type)]
+
+
+def _type_name(value: object) -> str:
+    if isinstance(value, bool):
+        return "a boolean"
+    if isinstance(value, int):
+        return "an integer"
+    if isinstance(value, float):
+        return "a float"
+    if isinstance(value, str):
+        return "a string"
+    if isinstance(value, list | tuple):
+        return "an array"
+    if isinstance(value, dict):
+        return "a table"
+    return f"a {type(value).__name__}"
+
+
+def _coerce_python(name: str, kind: str, value: object, label: str | None) -> object:
+    """Check/convert a typed value (from TOML, an override or a constructor) to `kind`."""
+    where = f"{label}: " if label else ""
+
+    def bad(extra: str = "") -> ConfigError:
+        got = extra or f"got {_type_name(value)}"
+        return ConfigError(f"{where}{name} must be {_EXPECTED[kind]}, {got}")
+
+    if kind == "tuple":
+        if not isinstance(value, list | tuple):
+            raise bad()
+        for i, item in enumerate(value):
+            if not isinstance(item, str):
+                raise bad(f"but item {i + 1} is {_type_name(item)}")
+        return value if isinstance(value, tuple) else tuple(value)
+    if kind == "str":
+        if not isinstance(value, str):
+            raise bad()
+        return value
+    if kind == "bool":
+        if not isinstance(value, bool):
+            raise bad()
+        return value
+    if isinstance(value, bool):
+        raise bad()
+    if kind == "int":
+        if not isinstance(value, int):
+            raise bad()
+        return value
+    if isinstance(value, int):
+        return float(value)
+    if not isinstance(value, float):
+        raise bad()
+    return value
+
+
+_TRUE: Final = frozenset(("1", "true", "yes", "on"))
+_FALSE: Final = frozenset(("0", "false", "no", "off"))
+
+
+def _parse_text(name: str, kind: str, text: str, label: str) -> object:
+    """Parse a string (environment variable or CLI text) into a value of `kind`."""
+    if kind == "tuple":
+        return tuple(item.strip() for item in text.split(",") if item.strip())
+    if kind == "str":
+        return text
+    stripped = text.strip()
+    shown = text if len(text) <= 40 else text[:40] + "..."
+    try:
+        if not stripped.isascii():
+            raise ValueError
+        if kind == "bool":
+            if stripped.lower() in _TRUE:
+                return True
+            if stripped.lower() in _FALSE:
+                return False
+            raise ValueError
+        if kind == "int":
+            return int(stripped, 10)
+        return float(stripped)
+    except ValueError:
+        raise ConfigError(f"{label}: {name} must be {_EXPECTED[kind]}, got {shown!r}") from None
+
+
+# --- validation ------------------------------------------------------------------------------
+
+
+def _problems(v: Mapping[str, Any]) -> Iterator[tuple[tuple[str, ...], str]]:
+    """Yield (fields involved, message) for every invalid value of already-typed settings."""
+
+    def positive(name: str, unit: str = "seconds") -> Iterator[tuple[tuple[str, ...], str]]:
+        value: float = v[name]
+        if not (math.isfinite(value) and value > 0):
+            yield (name,), f"{name} must be a positive number of {unit}, got {value}"
+
+    def int_range(
+        name: str, lo: int, hi: int | None = None
+    ) -> Iterator[tuple[tuple[str, ...], str]]:
+        value: int = v[name]
+        if value < lo or (hi is not None and value > hi):
+            bound = f"between {lo} and {hi}" if hi is not None else f"at least {lo}"
+            yield (name,), f"{name} must be {bound}, got {value}"
+
+    for name, limit in (("listen", MAX_LISTEN), ("peers", MAX_PEERS)):
+        addresses: tuple[str, ...] = v[name]
+        if len(addresses) > limit:
+            yield (name,), f"{name} has {len(addresses)} entries; at most {limit} are allowed"
+        for address in addresses:
+            try:
+                _, port = parse_host_port(address)
+            except ConfigError as exc:
+                yield (name,), f"{name}: {exc}"
+                continue
+            if name == "peers" and port == 0:
+                yield (name,), f"peers: port 0 is not a valid peer port in {address!r}"
+    if not v["listen"]:
+        yield ("listen",), "listen must contain at least one HOST:PORT address"
+    if len(v["name"]) > MAX_NAME_LEN:
+        yield ("name",), f"name must be at most {MAX_NAME_LEN} characters, got {len(v['name'])}"
+    if not v["name"].isprintable():
+        yield ("name",), "name must not contain control characters"
+    if v["log_level"] not in LOG_LEVELS:
+        yield (
+            ("log_level",),
+            f"log_level must be one of {', '.join(LOG_LEVELS)}; got {v['log_level'][:40]!r}",
+        )
+    if v["log_format"] not in LOG_FORMATS:
+        yield (
+            ("log_format",),
+            f"log_format must be one of {', '.join(LOG_FORMATS)}; got {v['log_format'][:40]!r}",
+        )
+    yield from positive("handshake_timeout")
+    yield from int_range("handshake_retries", 0, 100)
+    yield from positive("rekey_after_seconds")
+    yield from int_range("rekey_after_packets", 1, MAX_REKEY_AFTER_PACKETS)
+    yield from positive("reject_after_seconds")
+    if v["reject_after_seconds"] <= v["rekey_after_seconds"]:
+        yield (
+            ("reject_after_seconds", "rekey_after_seconds"),
+            (
+                f"reject_after_seconds ({v['reject_after_seconds']}) must exceed "
+                f"rekey_after_seconds ({v['rekey_after_seconds']})"
+            ),
+        )
+    yield from positive("keepalive_interval")
+    yield from positive("idle_timeout")
+    if v["keepalive_interval"] >= v["idle_timeout"]:
+        yield (
+            ("keepalive_interval", "idle_timeout"),
+            (
+                f"keepalive_interval ({v['keepalive_interval']}) must be less than "
+                f"idle_timeout ({v['idle_timeout']})"
+            ),
+        )
+    yield from int_range("replay_window", MIN_REPLAY_WINDOW, MAX_REPLAY_WINDOW)
+    if v["replay_window"] % 64:
+        yield (
+            ("replay_window",),
+            f"replay_window must be a multiple of 64, got {v['replay_window']}",
+        )
+    yield from int_range("max_sessions", 1)
+    yield from int_range("max_pending_handshakes", 1)
+    yield from positive("handshake_rate", "initiations per second")
+    yield from int_range("max_datagram", MIN_DATAGRAM, MAX_DATAGRAM)
+    yield from int_range("recv_buffer", MIN_RECV_BUFFER, MAX_RECV_BUFFER)
+
+
+# --- loading ---------------------------------------------------------------------------------
+
+_TOML_POS = re.compile(r"^(?P<msg>.*?)\s*\(at line (?P<line>\d+), column (?P<col>\d+)\)$", re.S)
+_TOML_END = re.compile(r"^(?P<msg>.*?)\s*\(at end of document\)$", re.S)
+
+
+def _one_line(text: str) -> str:
+    return " ".join(text.split())
+
+
+def _parse_toml(toml_text: str, source: str) -> dict[str, Any]:
+    try:
+        return tomllib.loads(toml_text)
+    except tomllib.TOMLDecodeError as exc:
+        message = str(exc)
+        if m := _TOML_POS.match(message):
+            line, col = m["line"], m["col"]
+            message = m["msg"]
+        elif m := _TOML_END.match(message):
+            line = str(toml_text.count("\n") + 1)
+            col = str(len(toml_text) - toml_text.rfind("\n"))
+            message = m["msg"]
+        else:
+            raise ConfigError(f"{source}: {_one_line(message)}") from None
+        raise ConfigError(f"{source}:{line}:{col}: {_one_line(message)}") from None
+    except RecursionError:
+        raise ConfigError(f"{source}: arrays or tables are nested too deeply") from None
+    except ValueError:
+        raise ConfigError(f"{source}: a value is too large to parse") from None
+
+
+def _suggest(key: str, names: list[str]) -> str:
+    close = difflib.get_close_matches(key, names, n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def load_config(
+    toml_text: str | None,
+    env: Mapping[str, str],
+    overrides: Mapping[str, object] | None = None,
+    *,
+    source: str = "config.toml",
+) -> NodeConfig:
+    """Build a `NodeConfig` from TOML text, environment variables and CLI overrides.
+
+    Precedence: defaults < `toml_text` < ``CELLMESH_<FIELD_UPPER>`` in `env` < `overrides`.
+    `toml_text` None means there is no config file. Tuple fields come from the environment as
+    comma-separated lists (empty string = empty list). `overrides` maps field names to values;
+    None values are skipped (an unset CLI flag), strings are parsed like environment values.
+    `source` names the TOML text in messages. Raises `ConfigError`.
+    """
+    fields = {f.name: f for f in dataclasses.fields(NodeConfig)}
+    names = list(fields)
+    values: dict[str, object] = {}
+    origin: dict[str, str] = {}
+
+    if toml_text is not None:
+        doc = _parse_toml(toml_text, source)
+        for key, value in doc.items():
+            if key not in fields:
+                raise ConfigError(f"{source}: unknown key {key!r}{_suggest(key, names)}")
+            values[key] = _coerce_python(key, _kind_of(fields[key]), value, label=source)
+            origin[key] = source
+
+    for name, f in fields.items():
+        var = env_var_name(name)
+        if var in env:
+            values[name] = _parse_text(name, _kind_of(f), env[var], label=var)
+            origin[name] = var
+
+    for key, value in (overrides or {}).items():
+        if value is None:
+            continue
+        flag = "--" + key.replace("_", "-")
+        if key not in fields:
+            raise ConfigError(f"unknown setting {key!r}{_suggest(key, names)}")
+        kind = _kind_of(fields[key])
+        if isinstance(value, str) and kind != "str":
+            values[key] = _parse_text(key, kind, value, label=flag)
+        else:
+            values[key] = _coerce_python(key, kind, value, label=flag)
+        origin[key] = flag
+
+    # Validate once with provenance, so the message says where the bad value came from.
+    merged: dict[str, Any] = {f.name: f.default for f in _FIELDS}
+    merged.update(values)
+    for key in ("log_level", "log_format"):
+        merged[key] = merged[key].lower()
+    for involved, message in _problems(merged):
+        where = next((origin[f] for f in involved if f in origin), None)
+        raise ConfigError(f"{where}: {message}" if where else message)
+    return NodeConfig(**merged)
+
+
+# --- template --------------------------------------------------------------------------------
+
+
+def _toml_string(text: str) -> str:
+    out = ['"']
+    for ch in text:
+        if ch == '"':
+            out.append('\\"')
+        elif ch == "\\":
+            out.append("\\\\")
+        elif ch in "\b\t\n\f\r":
+            out.append({"\b": "\\b", "\t": "\\t", "\n": "\\n", "\f": "\\f", "\r": "\\r"}[ch])
+        elif ord(ch) < 0x20 or ord(ch) == 0x7F:
+            out.append(f"\\u{ord(ch):04X}")
+        else:
+            out.append(ch)
+    out.append('"')
+    return "".join(out)
+
+
+def _toml_value(value: object) -> str:
+    if isinstance(value, bool):
+        return "true" if value else "false"
+    if isinstance(value, int):
+        return str(value)
+    if isinstance(value, float):
+        if math.isnan(value):
+            return "nan"
+        if math.isinf(value):
+            return "inf" if value > 0 else "-inf"
+        return repr(value)
+    if isinstance(value, str):
+        return _toml_string(value)
+    if isinstance(value, tuple | list):
+        return "[" + ", ".join(_toml_value(v) for v in value) + "]"
+    raise TypeError(f"cannot render {type(value).__name__} as TOML")
+
+
+def render_default_config() -> str:
+    """Return a commented config.toml template listing every setting at its default.
+
+    Each setting is commented out, so the file as written changes nothing; uncomment a line to
+    change it.
+    """
+    lines = [
+        "# cellmesh node configuration.",
+        "#",
+        "# Every setting is shown commented out at its default value. Uncomment to change it.",
+        f"# Environment variables {ENV_PREFIX}<SETTING_IN_UPPER_CASE> override this file,",
+        "# and command-line flags override both.",
+    ]
+    for f in config_fields():
+        lines.append("")
+        lines.append(f"# {f.doc}")
+        lines.append(f"# Type: {f.type_name}. Environment: {f.env_var}.")
+        lines.append(f"# {f.name} = {_toml_value(f.default)}")
+    return "\n".join(lines) + "\n"

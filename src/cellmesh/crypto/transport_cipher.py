@@ -1,0 +1,78 @@
+"""The per-session data-frame AEAD: ChaCha20-Poly1305 with explicit packet-number nonces.
+
+Unlike a Noise `CipherState`, a `TransportCipher` keeps no counter: the caller passes the packet
+number of each frame, which lets frames arrive out of order (pair it with a `ReplayWindow` on the
+receive side). The nonce is encoded exactly like Noise's ChaChaPoly (spec section 12.3): 4 zero
+bytes followed by the 8-byte little-endian packet number, so a key taken from a Noise
+`CipherState` (`TransportCipher.from_cipher_state`) encrypts the same bytes the CipherState would
+at the same nonce.
+"""
+
+from __future__ import annotations
+
+import struct
+from typing import Final
+
+from cryptography.exceptions import InvalidTag
+from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
+
+from cellmesh.crypto.noise import CHACHAPOLY, CipherState
+from cellmesh.errors import AuthenticationError, LocalProtocolError, NonceExhaustedError
+
+__all__ = ["KEY_LEN", "MAX_PN", "TAG_LEN", "TransportCipher"]
+
+KEY_LEN: Final = 32
+"""ChaCha20-Poly1305 key length."""
+TAG_LEN: Final = 16
+"""Bytes `seal` adds to the plaintext."""
+MAX_PN: Final = 2**64 - 2
+"""The largest usable packet number (2**64-1 is reserved, as in Noise)."""
+
+_NONCE: Final = struct.Struct("<4xQ")
+
+
+class TransportCipher:
+    """ChaCha20-Poly1305 under one key, nonce = 4 zero bytes || little-endian u64 packet number.
+
+    Never seal two frames with the same packet number under one key.
+    """
+
+    __slots__ = ("_aead",)
+
+    def __init__(self, key: bytes) -> None:
+        """Build the cipher once for `key` (32 bytes)."""
+        if len(key) != KEY_LEN:
+            raise LocalProtocolError(f"transport key must be {KEY_LEN} bytes, got {len(key)}")
+        self._aead = ChaCha20Poly1305(bytes(key))
+
+    @classmethod
+    def from_cipher_state(cls, cipher_state: CipherState) -> TransportCipher:
+        """Build from the key of a Noise ChaChaPoly `CipherState` (e.g. one half of a split)."""
+        key = cipher_state.key
+        if key is None:
+            raise LocalProtocolError("CipherState has no key")
+        if cipher_state.cipher is not CHACHAPOLY:
+            raise LocalProtocolError(
+                f"TransportCipher is ChaChaPoly; the CipherState uses {cipher_state.cipher.name}"
+            )
+        return cls(key)
+
+    @staticmethod
+    def _nonce(pn: int) -> bytes:
+        if pn > MAX_PN:
+            raise NonceExhaustedError("packet number space exhausted; rekey the session")
+        if pn < 0:
+            raise LocalProtocolError(f"packet number must be non-negative, got {pn}")
+        return _NONCE.pack(pn)
+
+    def seal(self, pn: int, ad: bytes, plaintext: bytes) -> bytes:
+        """Encrypt and authenticate `plaintext` (and `ad`) as packet `pn`; adds `TAG_LEN` bytes."""
+        return self._aead.encrypt(self._nonce(pn), plaintext, ad)
+
+    def open(self, pn: int, ad: bytes, ciphertext: bytes) -> bytes:
+        """Verify and decrypt packet `pn`; raises `AuthenticationError` if it does not verify."""
+        nonce = self._nonce(pn)
+        try:
+            return self._aead.decrypt(nonce, ciphertext, ad)
+        except InvalidTag:
+            raise AuthenticationError("transport frame failed authentication") from None

@@ -1,0 +1,376 @@
+"""`Node`: a cellmesh node inside an asyncio application (and the daemon behind `cellmesh node`).
+
+Theory of operation: the node owns one `Endpoint` (the sans-IO core), its UDP sockets and one timer.
+It only loops: on socket readiness it drains every queued datagram into the core, sends what the core
+returns, dispatches the core's events to whoever awaits them, and re-arms the single timer at
+`endpoint.get_timer()`. All protocol decisions live in the core.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import logging
+import os
+import random
+import socket
+import time
+from collections import defaultdict
+from collections.abc import Mapping
+from types import TracebackType
+from typing import Any
+
+from cellmesh.config import NodeConfig, parse_host_port
+from cellmesh.errors import LocalProtocolError, PeerUnreachableError
+from cellmesh.identity.cellid import format_cell_id, parse_cell_id
+from cellmesh.identity.keys import Identity
+from cellmesh.node.udp import Addr, UdpSockets, format_addr
+from cellmesh.transport.endpoint import Endpoint
+from cellmesh.transport.events import (
+    DatagramReceived,
+    EndpointStats,
+    HandshakeFailed,
+    PeerConnected,
+    PeerDisconnected,
+    PeerInfo,
+    PingReply,
+)
+
+log = logging.getLogger("cellmesh.node")
+MAX_INBOX = 4096
+
+
+def _as_cell(cell_id: bytes | str) -> bytes:
+    return parse_cell_id(cell_id) if isinstance(cell_id, str) else cell_id
+
+
+def resolve_addr(spec: str) -> Addr:
+    """HOST:PORT to a numeric (host, port), resolving a name once (static peers only)."""
+    host, port = parse_host_port(spec)
+    try:
+        infos = socket.getaddrinfo(host, port, type=socket.SOCK_DGRAM)
+    except socket.gaierror as exc:
+        raise PeerUnreachableError(f"cannot resolve {spec}: {exc.strerror}") from exc
+    fam, _, _, _, sa = infos[0]
+    h = str(sa[0])
+    if fam == socket.AF_INET6 and h.startswith("::ffff:") and "." in h:
+        h = h[7:]
+    return h, int(sa[1])
+
+
+class Node:
+    """A running cellmesh node. Use as `async with Node(identity, config) as node: ...`."""
+
+    def __init__(self, identity: Identity, config: NodeConfig | None = None) -> None:
+        self.identity = identity
+        self.config = config if config is not None else NodeConfig()
+        self.started_at = time.time()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._udp: UdpSockets | None = None
+        self._endpoint: Endpoint | None = None
+        self._timer: asyncio.TimerHandle | None = None
+        self._timer_when = 0.0
+        self._writing = False
+        self._ping_waiters: dict[int, tuple[bytes, asyncio.Future[float]]] = {}
+        self._connect_waiters: dict[bytes, list[asyncio.Future[bytes]]] = defaultdict(list)
+        self._addr_waiters: dict[Addr, list[asyncio.Future[bytes]]] = defaultdict(list)
+        self._inbox: asyncio.Queue[tuple[bytes, bytes]] = asyncio.Queue(MAX_INBOX)
+        self.inbox_dropped = 0
+        self._stopped = asyncio.Event()
+
+    # ------------------------------------------------------------------ lifecycle
+
+    @property
+    def cell_id(self) -> bytes:
+        """This node's CellID (16 bytes)."""
+        return self.identity.cell_id
+
+    @property
+    def endpoint(self) -> Endpoint:
+        """The protocol core (for statistics and tests)."""
+        if self._endpoint is None:
+            raise LocalProtocolError("node is not running")
+        return self._endpoint
+
+    async def __aenter__(self) -> Node:
+        await self.start()
+        return self
+
+    async def __aexit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        await self.stop()
+
+    async def start(self) -> None:
+        """Bind sockets, start the core, dial static peers."""
+        loop = asyncio.get_running_loop()
+        self._loop = loop
+        self._udp = UdpSockets(self.config.listen, self.config.recv_buffer)
+        self._endpoint = Endpoint(
+            self.identity, self.config, loop.time(), random.Random(), os.urandom
+        )
+        for sock in self._udp.sockets:
+            loop.add_reader(sock.fileno(), self._on_readable, sock)
+        for spec in self.config.peers:
+            try:
+                addr = resolve_addr(spec)
+            except PeerUnreachableError as exc:
+                log.warning("static peer skipped: %s", exc)
+                continue
+            self._endpoint.add_static_peer(addr, loop.time())
+        log.info(
+            "node %s listening on %s",
+            format_cell_id(self.cell_id),
+            ", ".join(format_addr(a) for a in self.local_addresses()),
+        )
+        self._pump()
+
+    async def stop(self) -> None:
+        """Close sessions politely, then the sockets."""
+        if self._endpoint is None or self._loop is None or self._udp is None:
+            return
+        self._endpoint.shutdown(self._loop.time())
+        self._pump()
+        if self._timer is not None:
+            self._timer.cancel()
+        for sock in self._udp.sockets:
+            self._loop.remove_reader(sock.fileno())
+        if self._writing:
+            for sock in self._udp.sockets:
+                self._loop.remove_writer(sock.fileno())
+        self._udp.close()
+        for _, fut in self._ping_waiters.values():
+            if not fut.done():
+                fut.set_exception(PeerUnreachableError("node stopped"))
+        self._endpoint = None
+        self._stopped.set()
+
+    def request_stop(self) -> None:
+        """Ask `serve_forever` to return (signal handlers call this)."""
+        self._stopped.set()
+
+    async def serve_forever(self) -> None:
+        """Run until `request_stop` is called."""
+        await self._stopped.wait()
+
+    def local_addresses(self) -> list[Addr]:
+        """The addresses the node listens on, with real ports."""
+        return self._udp.local_addresses() if self._udp is not None else []
+
+    # ------------------------------------------------------------------ driver loop
+
+    def _now(self) -> float:
+        assert self._loop is not None
+        return self._loop.time()
+
+    def _on_readable(self, sock: socket.socket) -> None:
+        ep = self._endpoint
+        udp = self._udp
+        if ep is None or udp is None:
+            return
+        now = self._now()
+        receive = ep.receive_datagram
+        udp.drain(sock, lambda data, addr: receive(data, addr, now))
+        self._pump()
+
+    def _on_writable(self) -> None:
+        udp = self._udp
+        if udp is None:
+            return
+        udp.flush_backlog()
+        if not udp.has_backlog:
+            self._set_writing(False)
+
+    def _set_writing(self, on: bool) -> None:
+        if self._loop is None or self._udp is None or on == self._writing:
+            return
+        self._writing = on
+        for sock in self._udp.sockets:
+            if on:
+                self._loop.add_writer(sock.fileno(), self._on_writable)
+            else:
+                self._loop.remove_writer(sock.fileno())
+
+    def _pump(self) -> None:
+        ep = self._endpoint
+        udp = self._udp
+        if ep is None or udp is None or self._loop is None:
+            return
+        for data, addr in ep.datagrams_to_send():
+            udp.send(data, addr)
+        if udp.has_backlog:
+            self._set_writing(True)
+        while (ev := ep.next_event()) is not None:
+            self._dispatch(ev)
+        when = ep.get_timer()
+        if when is None:
+            return
+        if self._timer is not None:
+            if abs(self._timer_when - when) < 1e-4:
+                return
+            self._timer.cancel()
+        self._timer_when = when
+        self._timer = self._loop.call_at(when, self._on_timer)
+
+    def _on_timer(self) -> None:
+        self._timer = None
+        if self._endpoint is None:
+            return
+        self._endpoint.handle_timer(self._now())
+        self._pump()
+
+    def _dispatch(self, ev: object) -> None:
+        if isinstance(ev, PingReply):
+            w = self._ping_waiters.pop(ev.ping_id, None)
+            if w is not None and not w[1].done():
+                w[1].set_result(ev.rtt)
+        elif isinstance(ev, DatagramReceived):
+            try:
+                self._inbox.put_nowait((ev.cell_id, ev.data))
+            except asyncio.QueueFull:
+                self.inbox_dropped += 1
+        elif isinstance(ev, PeerConnected):
+            if not ev.rekey:
+                log.info(
+                    "peer %s connected from %s (%s)",
+                    format_cell_id(ev.cell_id),
+                    format_addr(ev.addr),
+                    "we dialled" if ev.initiator else "they dialled",
+                )
+            for fut in self._connect_waiters.pop(ev.cell_id, []):
+                if not fut.done():
+                    fut.set_result(ev.cell_id)
+            for fut in self._addr_waiters.pop(ev.addr, []):
+                if not fut.done():
+                    fut.set_result(ev.cell_id)
+        elif isinstance(ev, PeerDisconnected):
+            log.info("peer %s disconnected: %s", format_cell_id(ev.cell_id), ev.reason)
+        elif isinstance(ev, HandshakeFailed):
+            who = format_cell_id(ev.cell_id) if ev.cell_id else format_addr(ev.addr)
+            log.warning("handshake with %s failed: %s", who, ev.reason)
+            err = PeerUnreachableError(f"handshake with {who} failed: {ev.reason}")
+            waiters = self._addr_waiters.pop(ev.addr, [])
+            if ev.cell_id is not None:
+                waiters += self._connect_waiters.pop(ev.cell_id, [])
+                for pid, (cell, fut) in list(self._ping_waiters.items()):
+                    if cell == ev.cell_id and not fut.done():
+                        fut.set_exception(err)
+                        del self._ping_waiters[pid]
+            for fut in waiters:
+                if not fut.done():
+                    fut.set_exception(err)
+
+    # ------------------------------------------------------------------ application API
+
+    async def connect(self, addr: str | Addr, timeout: float = 5.0) -> bytes:
+        """Handshake with whoever listens at `addr`; returns its CellID."""
+        target = resolve_addr(addr) if isinstance(addr, str) else addr
+        ep = self.endpoint
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._addr_waiters[target].append(fut)
+        ep.connect(target, self._now())
+        self._pump()
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            raise PeerUnreachableError(
+                f"no handshake with {format_addr(target)} within {timeout:g} s"
+            ) from None
+
+    async def ping(self, cell_id: bytes | str, timeout: float = 2.0, data: bytes = b"") -> float:
+        """Encrypted echo to `cell_id`; returns the round-trip time in seconds.
+
+        Raises `PeerUnreachableError` if the peer is unknown, the handshake fails, or no reply
+        comes within `timeout`.
+        """
+        cell = _as_cell(cell_id)
+        ep = self.endpoint
+        fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
+        pid = ep.send_ping(cell, self._now(), data)
+        self._ping_waiters[pid] = (cell, fut)
+        self._pump()
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            raise PeerUnreachableError(
+                f"no reply from {format_cell_id(cell)} within {timeout:g} s"
+            ) from None
+        finally:
+            self._ping_waiters.pop(pid, None)
+
+    def send_datagram(self, cell_id: bytes | str, data: bytes) -> None:
+        """Send one encrypted, unreliable datagram (queued behind a handshake if needed)."""
+        self.endpoint.send_datagram(_as_cell(cell_id), data, self._now())
+        self._pump()
+
+    async def recv_datagram(self) -> tuple[bytes, bytes]:
+        """The next (CellID, data) application datagram received."""
+        return await self._inbox.get()
+
+    def peers(self) -> list[PeerInfo]:
+        """Connected peers."""
+        return self.endpoint.peers(self._now())
+
+    def statistics(self) -> EndpointStats:
+        """Protocol counters, including drops by reason."""
+        return self.endpoint.statistics()
+
+    def status(self) -> dict[str, Any]:
+        """What `cellmesh status` and the control API report about this node."""
+        stats = self.statistics()
+        udp = self._udp.stats if self._udp is not None else None
+        return {
+            "cell_id": format_cell_id(self.cell_id),
+            "public_key": self.identity.public_key.hex(),
+            "name": self.config.name,
+            "listen": [format_addr(a) for a in self.local_addresses()],
+            "uptime": time.time() - self.started_at,
+            "stats": stats_dict(stats),
+            "socket": {
+                "send_errors": udp.send_errors if udp else 0,
+                "send_dropped": udp.send_dropped if udp else 0,
+                "recv_errors": udp.recv_errors if udp else 0,
+            },
+            "inbox_dropped": self.inbox_dropped,
+        }
+
+
+def stats_dict(s: EndpointStats) -> dict[str, Any]:
+    """EndpointStats as plain JSON-able data."""
+    return {
+        "datagrams_in": s.datagrams_in,
+        "datagrams_out": s.datagrams_out,
+        "bytes_in": s.bytes_in,
+        "bytes_out": s.bytes_out,
+        "sessions": s.sessions,
+        "pending_initiations": s.pending_initiations,
+        "pending_responses": s.pending_responses,
+        "handshakes_completed": s.handshakes_completed,
+        "cookies_sent": s.cookies_sent,
+        "drops": dict(sorted(s.drops.items())),
+    }
+
+
+def peer_dict(p: PeerInfo) -> dict[str, Any]:
+    """PeerInfo as plain JSON-able data."""
+    return {
+        "cell_id": format_cell_id(p.cell_id),
+        "public_key": p.public_key.hex(),
+        "address": format_addr(p.addr),
+        "rtt_ms": None if p.rtt is None else round(p.rtt * 1000, 3),
+        "session_age_s": round(p.session_age, 3),
+        "last_seen_s": round(p.last_seen, 3),
+        "initiator": p.initiator,
+        "packets_in": p.packets_in,
+        "packets_out": p.packets_out,
+        "bytes_in": p.bytes_in,
+        "bytes_out": p.bytes_out,
+        "sessions": p.sessions,
+    }
+
+
+def env_snapshot() -> Mapping[str, str]:
+    """The process environment (kept here so that only node/ reads it)."""
+    return dict(os.environ)

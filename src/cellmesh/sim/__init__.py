@@ -1,0 +1,1 @@
+"""cellmesh.sim."""

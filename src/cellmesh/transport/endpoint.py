@@ -1,0 +1,942 @@
+"""The endpoint core: every session and handshake of one node, as a sans-IO state machine.
+
+Theory of operation. The driver (node/, or sim/) feeds the endpoint with `receive_datagram(data, addr,
+now)` and `handle_timer(now)`, sends whatever `datagrams_to_send()` returns, re-arms one timer at
+`get_timer()` and reads `next_event()`. The endpoint never touches a socket or a clock, so the same code
+runs in an asyncio node and in a simulator with a thousand nodes in virtual time.
+
+Receive path, cheapest test first: the header is parsed and checked (length, version, reserved bits);
+frames claiming to come from ourselves are dropped as reflections; DATA frames must name us as the
+destination and an index we issued, the CellID that index belongs to must match the header source, the
+packet number must be inside the replay window, and only then is the AEAD tag checked. Every drop is
+counted by reason and nothing raises out of `receive_datagram`.
+
+Handshakes (see transport/handshake.py): an INIT starts a Noise XX or IK handshake. While the node is
+over its handshake budget it answers INITs with stateless cookies (transport/cookies.py) instead of
+doing Diffie-Hellman. XX responders keep a bounded table of half-open handshakes; IK needs none.
+Initiators retransmit with exponential backoff and jitter until `handshake_timeout`; the last message
+of XX is retransmitted until the responder's first authenticated packet confirms the session.
+
+Sessions are rekeyed by a fresh IK handshake after `rekey_after_seconds` or `rekey_after_packets`; the
+old session keeps decrypting in-flight packets until it falls silent. A session is never used after
+`reject_after_seconds`. Idle sessions get keepalives; a peer silent for `idle_timeout` is disconnected.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import os
+import random
+from collections import Counter, OrderedDict, deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+from cellmesh.config import NodeConfig
+from cellmesh.errors import (
+    AuthenticationError,
+    CryptoError,
+    DecodeError,
+    LocalProtocolError,
+    MalformedError,
+    OversizeError,
+    PeerUnreachableError,
+    ReplayError,
+    TruncatedError,
+    VersionError,
+)
+from cellmesh.filter.buckets import KeyedBuckets, TokenBucket
+from cellmesh.identity.keys import Identity
+from cellmesh.transport.cookies import CookieJar
+from cellmesh.transport.events import (
+    DatagramReceived,
+    EndpointStats,
+    Event,
+    HandshakeFailed,
+    PeerConnected,
+    PeerDisconnected,
+    PeerInfo,
+    PingReply,
+)
+from cellmesh.transport.handshake import (
+    InitiatorHandshake,
+    PeerIdentity,
+    ResponderHandshake,
+    SessionKeys,
+)
+from cellmesh.transport.session import AEAD_TAG_LEN, Session
+from cellmesh.wire.header import (
+    HEADER_LEN,
+    MAX_PAYLOAD,
+    ZERO_CELL,
+    FrameHeader,
+    FrameType,
+    associated_data,
+    pack_header,
+    pull_header,
+)
+from cellmesh.wire.messages import (
+    COOKIE_LEN,
+    AppData,
+    Close,
+    CloseCode,
+    CookieReply,
+    InitBody,
+    Keepalive,
+    Message,
+    Ping,
+    Pong,
+    pull_cookie_reply,
+    pull_init_body,
+    pull_messages,
+    push_cookie_reply,
+    push_init_body,
+    push_messages,
+)
+
+Addr = tuple[str, int]
+ZERO_COOKIE = bytes(COOKIE_LEN)
+HOUSEKEEPING_INTERVAL = 0.5
+INITIAL_RTO = 0.5
+MAX_QUEUED_PER_PEER = 256
+MAX_PENDING_PINGS = 4096
+PING_MEMORY = 60.0
+STALE_SESSION_GRACE = 15.0
+RESPONDER_REKEY_DELAY = 10.0
+MAX_KNOWN_PEERS = 65536
+STATIC_CHECK_INTERVAL = 5.0
+STATIC_MAX_BACKOFF = 30.0
+# The largest plaintext one DATA frame may carry.
+MAX_PLAINTEXT = MAX_PAYLOAD - AEAD_TAG_LEN
+
+_DECODE_REASONS: dict[type[DecodeError], str] = {
+    TruncatedError: "truncated",
+    OversizeError: "oversize",
+    VersionError: "bad_version",
+    MalformedError: "malformed",
+}
+
+
+def _decode_reason(exc: DecodeError) -> str:
+    return _DECODE_REASONS.get(type(exc), "malformed")
+
+
+def _digest(data: bytes) -> bytes:
+    return hashlib.blake2s(data, digest_size=16).digest()
+
+
+@dataclass(slots=True)
+class _Initiation:
+    hs: InitiatorHandshake
+    addr: Addr
+    expected_cell: bytes | None
+    noise: bytes
+    started: float
+    next_send: float
+    last_sent: float
+    rekey: bool
+    attempts: int = 1
+    cookie: bytes = ZERO_COOKIE
+
+
+@dataclass(slots=True)
+class _HalfOpen:
+    """An XX handshake we answered, waiting for message 3."""
+
+    hs: ResponderHandshake
+    addr: Addr
+    claimed_src: bytes
+    digest: bytes
+    response_frame: bytes
+    created: float
+
+
+@dataclass(slots=True)
+class _Peer:
+    cell_id: bytes
+    public_key: bytes
+    noise_static: bytes
+    addr: Addr
+    first_seen: float
+    current: Session | None = None
+    sessions: list[Session] = field(default_factory=list)
+    srtt: float | None = None
+    finish_frame: bytes | None = None
+    finish_next: float = 0.0
+    finish_attempts: int = 0
+    finish_started: float = 0.0
+    connected: bool = False
+
+
+@dataclass(slots=True)
+class _StaticPeer:
+    """A configured peer address (`--peer`) that the endpoint keeps a session with."""
+
+    cell_id: bytes | None
+    next_try: float
+    failures: int = 0
+
+
+class Endpoint:
+    """All handshakes and sessions of one node. See the module docstring."""
+
+    def __init__(
+        self,
+        identity: Identity,
+        config: NodeConfig,
+        now: float,
+        rng: random.Random | None = None,
+        random_bytes: Callable[[int], bytes] = os.urandom,
+    ) -> None:
+        self.identity = identity
+        self.cell_id = identity.cell_id
+        self.config = config
+        self._rng = rng if rng is not None else random.Random()
+        self._random_bytes = random_bytes
+        self._cookies = CookieJar(random_bytes, now)
+        burst = max(1.0, config.handshake_rate / 4)
+        self._hs_budget = TokenBucket(config.handshake_rate, burst, now)
+        self._addr_budget: KeyedBuckets[str] = KeyedBuckets(20.0, 10.0, capacity=4096)
+        self._reply_budget = TokenBucket(config.handshake_rate, burst, now)
+        self._by_index: dict[int, Session] = {}
+        self._peers: dict[bytes, _Peer] = {}
+        self._known: OrderedDict[bytes, tuple[bytes, Addr]] = OrderedDict()
+        self._initiations: dict[int, _Initiation] = {}
+        self._init_by_echo: dict[bytes, int] = {}
+        self._initiating: dict[bytes, int] = {}  # CellID or addr key -> initiation index
+        self._half_open: OrderedDict[int, _HalfOpen] = OrderedDict()
+        self._answered: OrderedDict[bytes, tuple[bytes, float]] = OrderedDict()
+        self._queued: dict[bytes, deque[Message]] = {}
+        self._pings: OrderedDict[int, tuple[bytes, float]] = OrderedDict()
+        self._out: list[tuple[bytes, Addr]] = []
+        self._events: deque[Event] = deque()
+        self._static: dict[Addr, _StaticPeer] = {}
+        self._next_housekeeping = now + HOUSEKEEPING_INTERVAL
+        self.drops: Counter[str] = Counter()
+        self._datagrams_in = 0
+        self._datagrams_out = 0
+        self._bytes_in = 0
+        self._bytes_out = 0
+        self._handshakes_completed = 0
+        self._cookies_sent = 0
+
+    # ----------------------------------------------------------------- public API (sans-IO)
+
+    def receive_datagram(self, data: bytes, addr: Addr, now: float) -> None:
+        """Feed one received datagram. Never raises for bad input: it is dropped and counted."""
+        self._datagrams_in += 1
+        self._bytes_in += len(data)
+        try:
+            h = pull_header(data)
+        except DecodeError as exc:
+            self.drops[_decode_reason(exc)] += 1
+            return
+        if h.src == self.cell_id:
+            self.drops["reflected"] += 1
+            return
+        t = h.type
+        if t is FrameType.DATA:
+            self._on_data(h, data, addr, now)
+        elif t is FrameType.HANDSHAKE_INIT:
+            self._on_init(h, data, addr, now)
+        elif t is FrameType.HANDSHAKE_RESP:
+            self._on_response(h, data, addr, now)
+        elif t is FrameType.HANDSHAKE_FINISH:
+            self._on_finish(h, data, addr, now)
+        else:
+            self._on_cookie_reply(h, data, addr, now)
+
+    def datagrams_to_send(self) -> list[tuple[bytes, Addr]]:
+        """Take every datagram the endpoint wants sent, with its destination."""
+        out, self._out = self._out, []
+        for d, _ in out:
+            self._bytes_out += len(d)
+        self._datagrams_out += len(out)
+        return out
+
+    def next_event(self) -> Event | None:
+        """The next event, or None."""
+        return self._events.popleft() if self._events else None
+
+    def get_timer(self) -> float | None:
+        """When `handle_timer` must next be called (absolute time)."""
+        t = self._next_housekeeping
+        for ini in self._initiations.values():
+            t = min(t, ini.next_send)
+        for p in self._peers.values():
+            if p.finish_frame is not None:
+                t = min(t, p.finish_next)
+        return t
+
+    def handle_timer(self, now: float) -> None:
+        """Retransmit, rekey, keep alive and expire whatever is due at `now`."""
+        self._retransmit_initiations(now)
+        self._retransmit_finishes(now)
+        if now >= self._next_housekeeping:
+            self._housekeeping(now)
+            self._next_housekeeping = now + HOUSEKEEPING_INTERVAL
+
+    def connect(self, addr: Addr, now: float, cell_id: bytes | None = None) -> None:
+        """Start a handshake to `addr` (and, if given, insist that the peer is `cell_id`).
+
+        Uses Noise IK when the peer's static key is known from an earlier session, XX otherwise.
+        Does nothing if a session or a handshake with that peer already exists.
+        """
+        if cell_id is not None:
+            if cell_id == self.cell_id:
+                raise LocalProtocolError("cannot connect to ourselves")
+            p = self._peers.get(cell_id)
+            if p is not None and p.current is not None:
+                return
+        key = cell_id if cell_id is not None else _addr_key(addr)
+        if key in self._initiating:
+            return
+        static: bytes | None = None
+        if cell_id is not None:
+            known = self._known.get(cell_id)
+            if known is not None:
+                static = known[0]
+        self._start_initiation(addr, now, cell_id, static, rekey=False)
+
+    def add_static_peer(self, addr: Addr, now: float, cell_id: bytes | None = None) -> None:
+        """Keep a session with whoever answers at `addr`, redialling with backoff when it fails."""
+        self._static[addr] = _StaticPeer(cell_id, now)
+        self._maintain_static_peers(now)
+
+    def _maintain_static_peers(self, now: float) -> None:
+        for addr, st in self._static.items():
+            if now < st.next_try:
+                continue
+            if st.cell_id is not None:
+                p = self._peers.get(st.cell_id)
+                if p is not None and p.current is not None:
+                    st.failures = 0
+                    st.next_try = now + STATIC_CHECK_INTERVAL
+                    continue
+            key = st.cell_id if st.cell_id is not None else _addr_key(addr)
+            if key in self._initiating:
+                continue
+            self.connect(addr, now, st.cell_id)
+            st.failures += 1
+            st.next_try = now + min(STATIC_MAX_BACKOFF, 2.0 ** min(st.failures, 5))
+
+    def knows_route(self, cell_id: bytes) -> bool:
+        """True when there is a session with `cell_id` or an address to reach it."""
+        return cell_id in self._peers or cell_id in self._known
+
+    def send_ping(self, cell_id: bytes, now: float, data: bytes = b"") -> int:
+        """Send an encrypted echo request; the reply arrives as a `PingReply` event.
+
+        Raises `PeerUnreachableError` when there is neither a session with nor an address for
+        `cell_id`; otherwise queues the ping behind a handshake if needed. Returns the ping id.
+        """
+        ping_id = int.from_bytes(self._random_bytes(8), "big")
+        self._send_or_queue(cell_id, Ping(ping_id, data), now)
+        return ping_id
+
+    def send_datagram(self, cell_id: bytes, data: bytes, now: float) -> None:
+        """Send one unreliable application datagram to `cell_id` (queued behind a handshake)."""
+        if len(data) > MAX_PLAINTEXT - 3:
+            raise LocalProtocolError(f"datagram of {len(data)} bytes exceeds {MAX_PLAINTEXT - 3}")
+        self._send_or_queue(cell_id, AppData(data), now)
+
+    def close_peer(self, cell_id: bytes, now: float, code: int = CloseCode.NORMAL) -> None:
+        """Tell `cell_id` we are closing, and forget its sessions."""
+        p = self._peers.get(cell_id)
+        if p is None:
+            return
+        if p.current is not None:
+            self._seal_to(p.current, [Close(code, "closing")], now)
+        self._drop_peer(p, "closed locally")
+
+    def shutdown(self, now: float) -> None:
+        """Close every session politely (the driver sends what this queues, then stops)."""
+        for cell in list(self._peers):
+            self.close_peer(cell, now, CloseCode.SHUTDOWN)
+
+    def statistics(self) -> EndpointStats:
+        """A frozen snapshot of the counters."""
+        return EndpointStats(
+            datagrams_in=self._datagrams_in,
+            datagrams_out=self._datagrams_out,
+            bytes_in=self._bytes_in,
+            bytes_out=self._bytes_out,
+            sessions=len(self._by_index),
+            pending_initiations=len(self._initiations),
+            pending_responses=len(self._half_open),
+            handshakes_completed=self._handshakes_completed,
+            cookies_sent=self._cookies_sent,
+            drops=dict(self.drops),
+        )
+
+    def peers(self, now: float) -> list[PeerInfo]:
+        """One row per peer that has a current session."""
+        rows: list[PeerInfo] = []
+        for p in self._peers.values():
+            s = p.current
+            if s is None:
+                continue
+            rows.append(
+                PeerInfo(
+                    cell_id=p.cell_id,
+                    public_key=p.public_key,
+                    addr=p.addr,
+                    rtt=p.srtt,
+                    session_age=now - s.created,
+                    last_seen=now - max(x.last_recv for x in p.sessions),
+                    initiator=s.is_initiator,
+                    packets_in=sum(x.counters.packets_in for x in p.sessions),
+                    packets_out=sum(x.counters.packets_out for x in p.sessions),
+                    bytes_in=sum(x.counters.bytes_in for x in p.sessions),
+                    bytes_out=sum(x.counters.bytes_out for x in p.sessions),
+                    sessions=len(p.sessions),
+                )
+            )
+        return rows
+
+    def session_for(self, cell_id: bytes) -> Session | None:
+        """The current session with `cell_id` (for tests and statistics)."""
+        p = self._peers.get(cell_id)
+        return p.current if p is not None else None
+
+    # ----------------------------------------------------------------- sending
+
+    def _send_or_queue(self, cell_id: bytes, msg: Message, now: float) -> None:
+        p = self._peers.get(cell_id)
+        if p is not None and p.current is not None:
+            self._seal_to(p.current, [msg], now)
+            return
+        if cell_id == self.cell_id:
+            raise LocalProtocolError("cannot send to ourselves")
+        known = self._known.get(cell_id)
+        addr = p.addr if p is not None else (known[1] if known is not None else None)
+        if addr is None:
+            raise PeerUnreachableError(
+                f"unknown CellID {cell_id.hex()}: no session and no address to reach it"
+            )
+        q = self._queued.setdefault(cell_id, deque())
+        if len(q) >= MAX_QUEUED_PER_PEER:
+            self.drops["queue_full"] += 1
+            return
+        q.append(msg)
+        self.connect(addr, now, cell_id)
+
+    def _seal_to(self, s: Session, msgs: list[Message], now: float) -> None:
+        for m in msgs:
+            if isinstance(m, Ping):
+                self._pings[m.ping_id] = (s.peer.cell_id, now)
+                if len(self._pings) > MAX_PENDING_PINGS:
+                    self._pings.popitem(last=False)
+        self._out.append((s.seal(push_messages(msgs), now), s.addr))
+        if s.send_counter >= self.config.rekey_after_packets:
+            self._start_rekey(s, now)
+
+    def _flush_queue(self, p: _Peer, now: float) -> None:
+        q = self._queued.pop(p.cell_id, None)
+        if q and p.current is not None:
+            for m in q:
+                self._seal_to(p.current, [m], now)
+
+    # ----------------------------------------------------------------- receive: DATA
+
+    def _on_data(self, h: FrameHeader, data: bytes, addr: Addr, now: float) -> None:
+        if h.dst != self.cell_id:
+            self.drops["not_for_us"] += 1
+            return
+        s = self._by_index.get(h.session_id)
+        if s is None:
+            self.drops["unknown_session"] += 1
+            return
+        if h.src != s.peer.cell_id:
+            self.drops["session_mismatch"] += 1
+            return
+        if now - s.created >= self.config.reject_after_seconds:
+            self.drops["expired_session"] += 1
+            return
+        highest_before = s.replay.highest
+        try:
+            plaintext = s.open(h.packet_number, associated_data(data), data[HEADER_LEN:], now)
+        except ReplayError:
+            self.drops["replay"] += 1
+            return
+        except AuthenticationError:
+            self.drops["auth_failed"] += 1
+            return
+        p = self._peers.get(s.peer.cell_id)
+        if p is None:
+            self.drops["unknown_session"] += 1
+            return
+        # Follow a peer that moved (roaming): only on an authenticated packet newer than any seen.
+        if addr != s.addr and h.packet_number > highest_before:
+            s.addr = addr
+            p.addr = addr
+        if (
+            p.current is not s
+            and not s.is_initiator
+            and (p.current is None or s.created > p.current.created)
+        ):
+            # First packet on a session the peer started: it is now confirmed and, being the
+            # newest, replaces the older one (this is how a peer-initiated rekey takes effect).
+            self._promote(p, s, now, rekey=p.current is not None)
+            self._flush_queue(p, now)
+        if p.finish_frame is not None and s is p.current:
+            p.finish_frame = None
+        try:
+            msgs = pull_messages(plaintext)
+        except DecodeError:
+            self.drops["protocol_violation"] += 1
+            self._seal_to(s, [Close(CloseCode.PROTOCOL_ERROR, "undecodable records")], now)
+            self._drop_peer(p, "protocol violation")
+            return
+        replies: list[Message] = []
+        for m in msgs:
+            if isinstance(m, Ping):
+                replies.append(Pong(m.ping_id, m.data))
+            elif isinstance(m, Pong):
+                sent = self._pings.pop(m.ping_id, None)
+                if sent is not None and sent[0] == p.cell_id:
+                    rtt = now - sent[1]
+                    p.srtt = rtt if p.srtt is None else 0.875 * p.srtt + 0.125 * rtt
+                    self._events.append(PingReply(p.cell_id, m.ping_id, rtt))
+            elif isinstance(m, AppData):
+                self._events.append(DatagramReceived(p.cell_id, m.data))
+            elif isinstance(m, Close):
+                self._drop_peer(p, f"closed by peer (code {m.code}: {m.reason})")
+                return
+        if replies:
+            self._seal_to(s, replies, now)
+
+    # ----------------------------------------------------------------- receive: handshakes
+
+    def _on_init(self, h: FrameHeader, data: bytes, addr: Addr, now: float) -> None:
+        if h.dst != ZERO_CELL and h.dst != self.cell_id:
+            self.drops["not_for_us"] += 1
+            return
+        if h.session_id != 0 or h.packet_number != 0:
+            self.drops["malformed"] += 1
+            return
+        try:
+            body = pull_init_body(data[HEADER_LEN:])
+        except DecodeError as exc:
+            self.drops[_decode_reason(exc)] += 1
+            return
+        digest = _digest(body.noise)
+        cached = self._answered.get(digest)
+        if cached is not None:
+            # A retransmitted INIT whose answer was lost: answer again, do no new work.
+            if self._reply_budget.take(now):
+                self._out.append((cached[0], addr))
+            else:
+                self.drops["rate_limited"] += 1
+            return
+        if not self._admit_handshake(body, addr, now):
+            return
+        local_index = self._new_index()
+        rh = ResponderHandshake(self.identity, local_index, body.pattern)
+        try:
+            res = rh.read_init(body.noise)
+        except (DecodeError, CryptoError):
+            self.drops["handshake_auth"] += 1
+            return
+        if res.peer is not None and res.peer.cell_id != h.src:
+            self.drops["identity_mismatch"] += 1
+            return
+        frame = (
+            pack_header(
+                FrameType.HANDSHAKE_RESP,
+                self.cell_id,
+                h.src,
+                res.initiator_index,
+                0,
+                len(res.response),
+            )
+            + res.response
+        )
+        self._remember_answer(digest, frame, now)
+        self._out.append((frame, addr))
+        if res.peer is not None and res.keys is not None:
+            # IK: the initiator is authenticated and keys exist; the session becomes current once
+            # the initiator's first packet confirms it (so a replayed message 1 replaces nothing).
+            self._new_session(
+                res.peer,
+                res.keys,
+                local_index,
+                res.initiator_index,
+                addr,
+                initiator=False,
+                confirmed=False,
+                now=now,
+            )
+            return
+        self._half_open[local_index] = _HalfOpen(rh, addr, h.src, digest, frame, now)
+        while len(self._half_open) > self.config.max_pending_handshakes:
+            self._half_open.popitem(last=False)
+            self.drops["half_open_evicted"] += 1
+
+    def _admit_handshake(self, body: InitBody, addr: Addr, now: float) -> bool:
+        """The handshake budget: under load, demand a cookie proving the source address."""
+        loaded = len(
+            self._half_open
+        ) >= self.config.max_pending_handshakes * 3 // 4 or not self._hs_budget.take(now)
+        if not loaded:
+            return True
+        if body.cookie != ZERO_COOKIE and self._cookies.check(body.cookie, addr, now):
+            if self._addr_budget.take(addr[0], now):
+                return True
+            self.drops["rate_limited"] += 1
+            return False
+        if self._reply_budget.take(now):
+            reply = push_cookie_reply(CookieReply(self._cookies.make(addr, now), body.noise[:16]))
+            self._out.append(
+                (
+                    pack_header(FrameType.COOKIE_REPLY, self.cell_id, ZERO_CELL, 0, 0, len(reply))
+                    + reply,
+                    addr,
+                )
+            )
+            self._cookies_sent += 1
+        self.drops["cookie_required"] += 1
+        return False
+
+    def _remember_answer(self, digest: bytes, frame: bytes, now: float) -> None:
+        self._answered[digest] = (frame, now)
+        while len(self._answered) > self.config.max_pending_handshakes:
+            self._answered.popitem(last=False)
+
+    def _on_response(self, h: FrameHeader, data: bytes, addr: Addr, now: float) -> None:
+        if h.dst != self.cell_id:
+            self.drops["not_for_us"] += 1
+            return
+        ini = self._initiations.get(h.session_id)
+        if ini is None:
+            self.drops["unexpected_handshake"] += 1
+            return
+        try:
+            peer, remote_index, third, keys = ini.hs.read_response(data[HEADER_LEN:])
+        except (DecodeError, CryptoError):
+            self.drops["handshake_auth"] += 1
+            # The Noise state may have absorbed the bad message: start over with a fresh one.
+            self._restart_initiation(h.session_id, now)
+            return
+        if peer.cell_id != h.src or (
+            ini.expected_cell is not None and peer.cell_id != ini.expected_cell
+        ):
+            self.drops["identity_mismatch"] += 1
+            self._end_initiation(h.session_id)
+            self._events.append(
+                HandshakeFailed(ini.addr, ini.expected_cell, "peer is not the CellID we dialled")
+            )
+            return
+        self._end_initiation(h.session_id)
+        s = self._new_session(
+            peer, keys, h.session_id, remote_index, addr, initiator=True, confirmed=False, now=now
+        )
+        p = self._peers[peer.cell_id]
+        if ini.attempts == 1:  # Karn: only unambiguous samples
+            rtt = now - ini.last_sent
+            p.srtt = rtt if p.srtt is None else 0.875 * p.srtt + 0.125 * rtt
+        self._promote(p, s, now, rekey=ini.rekey)
+        if third is not None:
+            frame = (
+                pack_header(
+                    FrameType.HANDSHAKE_FINISH,
+                    self.cell_id,
+                    peer.cell_id,
+                    remote_index,
+                    0,
+                    len(third),
+                )
+                + third
+            )
+            self._out.append((frame, addr))
+            p.finish_frame = frame
+            p.finish_started = now
+            p.finish_attempts = 1
+            p.finish_next = now + self._backoff(1)
+        queued = self._queued.get(p.cell_id)
+        if not queued:
+            self._seal_to(s, [Keepalive()], now)  # confirms the session to the responder
+        self._flush_queue(p, now)
+
+    def _on_finish(self, h: FrameHeader, data: bytes, addr: Addr, now: float) -> None:
+        if h.dst != self.cell_id:
+            self.drops["not_for_us"] += 1
+            return
+        body = data[HEADER_LEN:]
+        half = self._half_open.get(h.session_id)
+        if half is None:
+            s = self._by_index.get(h.session_id)
+            if s is not None and s.finish_digest and s.finish_digest == _digest(body):
+                # Our confirmation was lost and the initiator retransmitted message 3.
+                if self._reply_budget.take(now):
+                    self._seal_to(s, [Keepalive()], now)
+                self.drops["duplicate_finish"] += 1
+                return
+            self.drops["unexpected_handshake"] += 1
+            return
+        try:
+            peer, keys = half.hs.read_finish(body)
+        except (DecodeError, CryptoError):
+            self.drops["handshake_auth"] += 1
+            del self._half_open[h.session_id]
+            return
+        del self._half_open[h.session_id]
+        if peer.cell_id != h.src or peer.cell_id != half.claimed_src:
+            self.drops["identity_mismatch"] += 1
+            return
+        s = self._new_session(
+            peer,
+            keys,
+            h.session_id,
+            half.hs.initiator_index,
+            addr,
+            initiator=False,
+            confirmed=True,
+            now=now,
+        )
+        s.finish_digest = _digest(body)
+        p = self._peers[peer.cell_id]
+        self._promote(p, s, now, rekey=False)
+        self._seal_to(s, [Keepalive()], now)
+        self._flush_queue(p, now)
+
+    def _on_cookie_reply(self, h: FrameHeader, data: bytes, addr: Addr, now: float) -> None:
+        try:
+            reply = pull_cookie_reply(data[HEADER_LEN:])
+        except DecodeError as exc:
+            self.drops[_decode_reason(exc)] += 1
+            return
+        idx = self._init_by_echo.get(reply.echo)
+        ini = self._initiations.get(idx) if idx is not None else None
+        if ini is None or ini.addr != addr:
+            self.drops["unexpected_handshake"] += 1
+            return
+        if reply.cookie == ini.cookie:
+            return
+        ini.cookie = reply.cookie
+        self._send_init(ini, now)
+
+    # ----------------------------------------------------------------- sessions and peers
+
+    def _new_index(self) -> int:
+        while True:
+            idx = int.from_bytes(self._random_bytes(8), "big")
+            if (
+                idx
+                and idx not in self._by_index
+                and idx not in self._initiations
+                and (idx not in self._half_open)
+            ):
+                return idx
+
+    def _new_session(
+        self,
+        peer: PeerIdentity,
+        keys: SessionKeys,
+        local_index: int,
+        remote_index: int,
+        addr: Addr,
+        *,
+        initiator: bool,
+        confirmed: bool,
+        now: float,
+    ) -> Session:
+        if len(self._by_index) >= self.config.max_sessions:
+            self._evict_one_session()
+        s = Session(
+            local_cell=self.cell_id,
+            local_index=local_index,
+            remote_index=remote_index,
+            peer=peer,
+            keys=keys,
+            addr=addr,
+            is_initiator=initiator,
+            now=now,
+            replay_window=self.config.replay_window,
+            confirmed=confirmed,
+        )
+        self._by_index[local_index] = s
+        p = self._peers.get(peer.cell_id)
+        if p is None or p.public_key != peer.public_key:
+            p = _Peer(peer.cell_id, peer.public_key, peer.noise_static, addr, now)
+            self._peers[peer.cell_id] = p
+        p.noise_static = peer.noise_static
+        p.addr = addr
+        p.sessions.append(s)
+        self._known[peer.cell_id] = (peer.noise_static, addr)
+        self._known.move_to_end(peer.cell_id)
+        while len(self._known) > MAX_KNOWN_PEERS:
+            self._known.popitem(last=False)
+        self._handshakes_completed += 1
+        return s
+
+    def _promote(self, p: _Peer, s: Session, now: float, rekey: bool) -> None:
+        had = p.current is not None or p.connected
+        p.current = s
+        p.connected = True
+        st = self._static.get(s.addr)
+        if st is not None and st.cell_id is None:
+            st.cell_id = p.cell_id
+            st.failures = 0
+        self._events.append(PeerConnected(p.cell_id, s.addr, s.is_initiator, rekey or had))
+
+    def _evict_one_session(self) -> None:
+        victim = min(self._by_index.values(), key=lambda x: x.last_recv)
+        self.drops["session_evicted"] += 1
+        self._remove_session(victim, "evicted: session table full")
+
+    def _remove_session(self, s: Session, reason: str) -> None:
+        self._by_index.pop(s.local_index, None)
+        p = self._peers.get(s.peer.cell_id)
+        if p is None:
+            return
+        if s in p.sessions:
+            p.sessions.remove(s)
+        if p.current is s:
+            p.current = max(
+                (x for x in p.sessions if x.confirmed or x.is_initiator),
+                key=lambda x: x.created,
+                default=None,
+            )
+            p.finish_frame = None
+        if not p.sessions:
+            self._drop_peer(p, reason)
+
+    def _drop_peer(self, p: _Peer, reason: str) -> None:
+        for s in p.sessions:
+            self._by_index.pop(s.local_index, None)
+        p.sessions.clear()
+        p.current = None
+        self._peers.pop(p.cell_id, None)
+        self._queued.pop(p.cell_id, None)
+        if p.connected:
+            self._events.append(PeerDisconnected(p.cell_id, reason))
+
+    # ----------------------------------------------------------------- initiations
+
+    def _start_initiation(
+        self, addr: Addr, now: float, cell_id: bytes | None, static: bytes | None, rekey: bool
+    ) -> None:
+        idx = self._new_index()
+        hs = InitiatorHandshake(self.identity, idx, remote_static=static)
+        noise = hs.first_message()
+        ini = _Initiation(hs, addr, cell_id, noise, now, now, now, rekey)
+        self._initiations[idx] = ini
+        self._init_by_echo[noise[:16]] = idx
+        self._initiating[cell_id if cell_id is not None else _addr_key(addr)] = idx
+        self._send_init(ini, now)
+
+    def _send_init(self, ini: _Initiation, now: float) -> None:
+        body = push_init_body(InitBody(ini.hs.pattern, ini.cookie, ini.noise))
+        dst = ini.expected_cell if ini.expected_cell is not None else ZERO_CELL
+        frame = pack_header(FrameType.HANDSHAKE_INIT, self.cell_id, dst, 0, 0, len(body)) + body
+        self._out.append((frame, ini.addr))
+        ini.last_sent = now
+        ini.next_send = now + self._backoff(ini.attempts)
+
+    def _backoff(self, attempts: int) -> float:
+        return INITIAL_RTO * (2 ** (attempts - 1)) * self._rng.uniform(0.9, 1.1)
+
+    def _end_initiation(self, idx: int) -> _Initiation | None:
+        ini = self._initiations.pop(idx, None)
+        if ini is None:
+            return None
+        self._init_by_echo.pop(ini.noise[:16], None)
+        key = ini.expected_cell if ini.expected_cell is not None else _addr_key(ini.addr)
+        if self._initiating.get(key) == idx:
+            del self._initiating[key]
+        return ini
+
+    def _restart_initiation(self, idx: int, now: float) -> None:
+        ini = self._end_initiation(idx)
+        if ini is None:
+            return
+        static = None
+        if ini.expected_cell is not None:
+            known = self._known.get(ini.expected_cell)
+            static = known[0] if known is not None else None
+        self._start_initiation(ini.addr, now, ini.expected_cell, static, ini.rekey)
+
+    def _start_rekey(self, s: Session, now: float) -> None:
+        cell = s.peer.cell_id
+        if cell in self._initiating:
+            return
+        self._start_initiation(s.addr, now, cell, s.peer.noise_static, rekey=True)
+
+    def _retransmit_initiations(self, now: float) -> None:
+        for idx, ini in list(self._initiations.items()):
+            if now < ini.next_send:
+                continue
+            if (
+                now - ini.started >= self.config.handshake_timeout
+                or ini.attempts > self.config.handshake_retries
+            ):
+                self._end_initiation(idx)
+                if ini.expected_cell is not None:
+                    q = self._queued.pop(ini.expected_cell, None)
+                    if q:
+                        self.drops["queue_expired"] += len(q)
+                if not ini.rekey:
+                    self._events.append(
+                        HandshakeFailed(ini.addr, ini.expected_cell, "no answer (timed out)")
+                    )
+                continue
+            ini.attempts += 1
+            self._send_init(ini, now)
+
+    def _retransmit_finishes(self, now: float) -> None:
+        for p in list(self._peers.values()):
+            if p.finish_frame is None or now < p.finish_next:
+                continue
+            if now - p.finish_started >= self.config.handshake_timeout:
+                p.finish_frame = None
+                if p.current is not None and not p.current.confirmed:
+                    self._remove_session(p.current, "handshake not confirmed")
+                continue
+            p.finish_attempts += 1
+            self._out.append((p.finish_frame, p.addr))
+            p.finish_next = now + self._backoff(p.finish_attempts)
+
+    def _housekeeping(self, now: float) -> None:
+        cfg = self.config
+        for s in list(self._by_index.values()):
+            p = self._peers.get(s.peer.cell_id)
+            age = now - s.created
+            if age >= cfg.reject_after_seconds:
+                self._remove_session(s, "session expired")
+                continue
+            if p is None:
+                self._by_index.pop(s.local_index, None)
+                continue
+            if p.current is s:
+                if now - s.last_recv >= cfg.idle_timeout:
+                    self._drop_peer(p, "peer silent (idle timeout)")
+                    continue
+                rekey_at = cfg.rekey_after_seconds + (
+                    0 if s.is_initiator else RESPONDER_REKEY_DELAY
+                )
+                if age >= rekey_at:
+                    self._start_rekey(s, now)
+                if now - s.last_send >= cfg.keepalive_interval:
+                    self._seal_to(s, [Keepalive()], now)
+            elif now - s.last_recv >= STALE_SESSION_GRACE or (
+                not s.confirmed and age >= cfg.handshake_timeout
+            ):
+                self._remove_session(s, "superseded")
+        for idx, half in list(self._half_open.items()):
+            if now - half.created >= cfg.handshake_timeout:
+                del self._half_open[idx]
+        while self._answered:
+            digest, (_, t) = next(iter(self._answered.items()))
+            if now - t < cfg.handshake_timeout:
+                break
+            del self._answered[digest]
+        while self._pings:
+            pid, (_, t) = next(iter(self._pings.items()))
+            if now - t < PING_MEMORY:
+                break
+            del self._pings[pid]
+        self._maintain_static_peers(now)
+
+
+def _addr_key(addr: Addr) -> bytes:
+    return f"addr:{addr[0]}|{addr[1]}".encode()

@@ -1,0 +1,128 @@
+"""One keyed session with one peer: sealing and opening DATA frames.
+
+Theory of operation: a session is what a completed handshake leaves behind: a send cipher, a receive
+cipher, our index (which the peer writes into the header's session id) and the peer's index (which we
+write). Every DATA frame uses the next send counter as both the header packet number and the AEAD
+nonce; the whole 64-byte header (hop TTL zeroed) is the associated data, so no header field can be
+altered unnoticed. On receive, the replay window is checked before decryption (cheap) and updated only
+after the tag verified (so forged packets cannot move the window). A session is never used past its
+reject-after age or counter: it is replaced by a fresh handshake long before.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+from cellmesh.crypto.replay import ReplayWindow
+from cellmesh.crypto.transport_cipher import TransportCipher
+from cellmesh.errors import NonceExhaustedError, ReplayError
+from cellmesh.transport.handshake import PeerIdentity, SessionKeys
+from cellmesh.wire.header import DEFAULT_HOP_TTL, HEADER_LEN, FrameType, pack_header
+
+AEAD_TAG_LEN = 16
+# Stop sending well before the 64-bit nonce space ends (WireGuard's REJECT_AFTER_MESSAGES margin).
+REJECT_AFTER_PACKETS = 2**64 - 2**13 - 1
+
+
+@dataclass(slots=True)
+class SessionCounters:
+    """Traffic counters of one session."""
+
+    packets_in: int = 0
+    packets_out: int = 0
+    bytes_in: int = 0
+    bytes_out: int = 0
+
+
+class Session:
+    """An established session. Pure: times are passed in."""
+
+    __slots__ = (
+        "addr",
+        "confirmed",
+        "counters",
+        "created",
+        "finish_digest",
+        "handshake_hash",
+        "is_initiator",
+        "last_recv",
+        "last_send",
+        "local_cell",
+        "local_index",
+        "peer",
+        "recv",
+        "remote_index",
+        "replay",
+        "send",
+        "send_counter",
+    )
+
+    def __init__(
+        self,
+        *,
+        local_cell: bytes,
+        local_index: int,
+        remote_index: int,
+        peer: PeerIdentity,
+        keys: SessionKeys,
+        addr: tuple[str, int],
+        is_initiator: bool,
+        now: float,
+        replay_window: int,
+        confirmed: bool,
+    ) -> None:
+        self.local_cell = local_cell
+        self.local_index = local_index
+        self.remote_index = remote_index
+        self.peer = peer
+        self.send: TransportCipher = keys.send
+        self.recv: TransportCipher = keys.recv
+        self.handshake_hash = keys.handshake_hash
+        self.replay = ReplayWindow(replay_window)
+        self.send_counter = 0
+        self.addr = addr
+        self.is_initiator = is_initiator
+        self.created = now
+        self.last_recv = now
+        self.last_send = now
+        # An initiator's session is confirmed by the first authenticated packet from the responder;
+        # until then the initiator keeps retransmitting its last handshake message.
+        self.confirmed = confirmed
+        self.counters = SessionCounters()
+        self.finish_digest = b""
+
+    def seal(self, plaintext: bytes, now: float) -> bytes:
+        """Build a complete DATA datagram carrying `plaintext`."""
+        pn = self.send_counter
+        if pn >= REJECT_AFTER_PACKETS:
+            raise NonceExhaustedError("session send counter exhausted; a new handshake is needed")
+        self.send_counter = pn + 1
+        plen = len(plaintext) + AEAD_TAG_LEN
+        ad = pack_header(
+            FrameType.DATA, self.local_cell, self.peer.cell_id, self.remote_index, pn, plen, 0
+        )
+        ct = self.send.seal(pn, ad, plaintext)
+        wire = bytearray(ad)
+        wire[3] = DEFAULT_HOP_TTL
+        wire += ct
+        self.last_send = now
+        c = self.counters
+        c.packets_out += 1
+        c.bytes_out += HEADER_LEN + plen
+        return bytes(wire)
+
+    def open(self, pn: int, ad: bytes, ciphertext: bytes, now: float) -> bytes:
+        """Authenticate and decrypt one DATA frame's payload.
+
+        Raises `ReplayError` (seen or too old) or `AuthenticationError` (forged or corrupted).
+        """
+        if not self.replay.check(pn):
+            raise ReplayError("packet number replayed or older than the window")
+        plaintext = self.recv.open(pn, ad, ciphertext)
+        self.replay.accept(pn)
+        self.last_recv = now
+        self.confirmed = True
+        c = self.counters
+        c.packets_in += 1
+        c.bytes_in += HEADER_LEN + len(ciphertext)
+        return plaintext

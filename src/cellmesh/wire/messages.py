@@ -1,0 +1,285 @@
+"""Records carried inside frames: handshake bodies, handshake payloads and encrypted messages.
+
+Theory of operation: a DATA frame's plaintext is a sequence of records, each `type (u8) | length
+(u16, big-endian) | body`, so many small messages share one datagram (one AEAD operation, one syscall).
+Record types below 0x80 are mandatory: an unknown one is a protocol violation. Types from 0x80 up are
+optional and skipped by nodes that do not know them, which is how later versions add records without
+breaking older peers. Layouts are in docs/wire.md.
+"""
+
+from __future__ import annotations
+
+import struct
+from dataclasses import dataclass
+from enum import IntEnum
+
+from cellmesh.errors import MalformedError, OversizeError, TruncatedError, VersionError
+
+U64_MAX = 2**64 - 1
+COOKIE_LEN = 16
+ECHO_LEN = 16
+MAX_REASON = 200
+
+
+class MsgType(IntEnum):
+    """Record types inside an encrypted DATA frame."""
+
+    PADDING = 0
+    PING = 1
+    PONG = 2
+    CLOSE = 3
+    KEEPALIVE = 4
+    APP = 5
+
+
+class HandshakePattern(IntEnum):
+    """Which Noise pattern a HANDSHAKE_INIT starts (byte 0 of its body)."""
+
+    XX = 1
+    IK = 2
+
+
+class CloseCode(IntEnum):
+    """Why a session was closed (carried in CLOSE)."""
+
+    NORMAL = 0
+    PROTOCOL_ERROR = 1
+    IDLE = 2
+    SHUTDOWN = 3
+    REPLACED = 4
+
+
+@dataclass(frozen=True, slots=True)
+class Ping:
+    """Echo request. `ping_id` is chosen by the sender; `data` is echoed back unchanged."""
+
+    ping_id: int
+    data: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Pong:
+    """Echo reply to a `Ping` with the same id and data."""
+
+    ping_id: int
+    data: bytes = b""
+
+
+@dataclass(frozen=True, slots=True)
+class Close:
+    """The sender is closing the session."""
+
+    code: int
+    reason: str = ""
+
+
+@dataclass(frozen=True, slots=True)
+class Keepalive:
+    """Proof of life on an idle session; carries nothing."""
+
+
+@dataclass(frozen=True, slots=True)
+class AppData:
+    """An unreliable application datagram."""
+
+    data: bytes
+
+
+Message = Ping | Pong | Close | Keepalive | AppData
+
+_REC = struct.Struct("!BH")
+_U64 = struct.Struct("!Q")
+_U16 = struct.Struct("!H")
+MAX_RECORD_BODY = 0xFFFF
+
+
+def _record(t: int, body: bytes) -> bytes:
+    if len(body) > MAX_RECORD_BODY:
+        raise OversizeError(f"record body of {len(body)} bytes exceeds {MAX_RECORD_BODY}")
+    return _REC.pack(t, len(body)) + body
+
+
+def push_message(m: Message) -> bytes:
+    """Encode one record."""
+    if isinstance(m, Ping):
+        return _record(MsgType.PING, _U64.pack(m.ping_id) + m.data)
+    if isinstance(m, Pong):
+        return _record(MsgType.PONG, _U64.pack(m.ping_id) + m.data)
+    if isinstance(m, Close):
+        reason = m.reason.encode("utf-8")[:MAX_REASON]
+        return _record(MsgType.CLOSE, _U16.pack(m.code) + reason)
+    if isinstance(m, Keepalive):
+        return _record(MsgType.KEEPALIVE, b"")
+    return _record(MsgType.APP, m.data)
+
+
+def push_messages(msgs: list[Message]) -> bytes:
+    """Encode several records into one plaintext."""
+    return b"".join(push_message(m) for m in msgs)
+
+
+def _decode_one(t: int, body: bytes) -> Message | None:
+    if t == MsgType.PING or t == MsgType.PONG:
+        if len(body) < 8:
+            raise TruncatedError("PING/PONG body shorter than its 8-byte id")
+        (pid,) = _U64.unpack_from(body, 0)
+        return Ping(pid, body[8:]) if t == MsgType.PING else Pong(pid, body[8:])
+    if t == MsgType.CLOSE:
+        if len(body) < 2:
+            raise TruncatedError("CLOSE body shorter than its 2-byte code")
+        if len(body) > 2 + MAX_REASON:
+            raise OversizeError("CLOSE reason longer than 200 bytes")
+        try:
+            reason = body[2:].decode("utf-8")
+        except UnicodeDecodeError as exc:
+            raise MalformedError("CLOSE reason is not UTF-8") from exc
+        return Close(_U16.unpack_from(body, 0)[0], reason)
+    if t == MsgType.KEEPALIVE:
+        if body:
+            raise MalformedError("KEEPALIVE must be empty")
+        return Keepalive()
+    if t == MsgType.APP:
+        return AppData(body)
+    if t == MsgType.PADDING:
+        return None
+    if t >= 0x80:
+        return None  # optional record from a newer version: skip
+    raise MalformedError(f"unknown mandatory record type {t}")
+
+
+def pull_messages(buf: bytes) -> list[Message]:
+    """Decode every record in a plaintext. Raises a `DecodeError` subclass on any fault."""
+    out: list[Message] = []
+    pos = 0
+    n = len(buf)
+    while pos < n:
+        if n - pos < _REC.size:
+            raise TruncatedError("record header cut short")
+        t, ln = _REC.unpack_from(buf, pos)
+        pos += _REC.size
+        if ln > n - pos:
+            raise TruncatedError(f"record announces {ln} bytes, {n - pos} remain")
+        m = _decode_one(t, buf[pos : pos + ln])
+        pos += ln
+        if m is not None:
+            out.append(m)
+    return out
+
+
+# --- Handshake frame bodies -------------------------------------------------------------------
+
+
+@dataclass(frozen=True, slots=True)
+class InitBody:
+    """HANDSHAKE_INIT body: pattern, a cookie (all zero when none), then the Noise message."""
+
+    pattern: HandshakePattern
+    cookie: bytes
+    noise: bytes
+
+
+def push_init_body(b: InitBody) -> bytes:
+    """Encode a HANDSHAKE_INIT body."""
+    if len(b.cookie) != COOKIE_LEN:
+        raise MalformedError("cookie must be 16 bytes")
+    return bytes([b.pattern]) + b.cookie + b.noise
+
+
+def pull_init_body(buf: bytes) -> InitBody:
+    """Decode a HANDSHAKE_INIT body (Noise message length is checked by the handshake itself)."""
+    if len(buf) < 1 + COOKIE_LEN + 32:
+        raise TruncatedError("HANDSHAKE_INIT body too short")
+    try:
+        pattern = HandshakePattern(buf[0])
+    except ValueError as exc:
+        raise MalformedError(f"unknown handshake pattern {buf[0]}") from exc
+    return InitBody(pattern, bytes(buf[1 : 1 + COOKIE_LEN]), bytes(buf[1 + COOKIE_LEN :]))
+
+
+@dataclass(frozen=True, slots=True)
+class CookieReply:
+    """COOKIE_REPLY body: the cookie to retry with, and an echo that ties it to one initiation."""
+
+    cookie: bytes
+    echo: bytes
+
+
+def push_cookie_reply(c: CookieReply) -> bytes:
+    """Encode a COOKIE_REPLY body."""
+    return c.cookie + c.echo
+
+
+def pull_cookie_reply(buf: bytes) -> CookieReply:
+    """Decode a COOKIE_REPLY body (exactly 32 bytes)."""
+    if len(buf) < COOKIE_LEN + ECHO_LEN:
+        raise TruncatedError("COOKIE_REPLY body too short")
+    if len(buf) > COOKIE_LEN + ECHO_LEN:
+        raise OversizeError("COOKIE_REPLY body too long")
+    return CookieReply(bytes(buf[:COOKIE_LEN]), bytes(buf[COOKIE_LEN:]))
+
+
+# --- Handshake payloads (inside Noise messages) -------------------------------------------------
+
+HANDSHAKE_PAYLOAD_VERSION = 1
+_HS_FIXED = struct.Struct("!BQB")
+ED25519_PUB_LEN = 32
+BINDING_SIG_LEN = 64
+MAX_HANDSHAKE_EXT = 512
+
+
+@dataclass(frozen=True, slots=True)
+class HandshakePayload:
+    """What a side says inside its Noise handshake message.
+
+    `sender_index` is the session id the peer must put in the header of frames it sends us.
+    `identity` is our Ed25519 public key and `binding` its signature over our Noise static key
+    (absent in XX message 1, which travels before any key is agreed). `ext` is reserved for
+    optional extensions (names, capabilities) and bounded.
+    """
+
+    sender_index: int
+    identity: bytes | None = None
+    binding: bytes | None = None
+    ext: bytes = b""
+
+
+def push_handshake_payload(p: HandshakePayload) -> bytes:
+    """Encode a handshake payload."""
+    has_id = p.identity is not None
+    if has_id != (p.binding is not None):
+        raise MalformedError("identity and binding go together")
+    out = _HS_FIXED.pack(HANDSHAKE_PAYLOAD_VERSION, p.sender_index, 1 if has_id else 0)
+    if p.identity is not None and p.binding is not None:
+        if len(p.identity) != ED25519_PUB_LEN or len(p.binding) != BINDING_SIG_LEN:
+            raise MalformedError("identity must be 32 bytes and binding 64 bytes")
+        out += p.identity + p.binding
+    if len(p.ext) > MAX_HANDSHAKE_EXT:
+        raise OversizeError("handshake extension too large")
+    return out + _U16.pack(len(p.ext)) + p.ext
+
+
+def pull_handshake_payload(buf: bytes) -> HandshakePayload:
+    """Decode a handshake payload; a `DecodeError` subclass on any fault."""
+    if len(buf) < _HS_FIXED.size + 2:
+        raise TruncatedError("handshake payload too short")
+    ver, idx, has_id = _HS_FIXED.unpack_from(buf, 0)
+    if ver != HANDSHAKE_PAYLOAD_VERSION:
+        raise VersionError(f"handshake payload version {ver} not supported")
+    pos = _HS_FIXED.size
+    identity = binding = None
+    if has_id == 1:
+        if len(buf) < pos + ED25519_PUB_LEN + BINDING_SIG_LEN + 2:
+            raise TruncatedError("handshake identity cut short")
+        identity = bytes(buf[pos : pos + ED25519_PUB_LEN])
+        pos += ED25519_PUB_LEN
+        binding = bytes(buf[pos : pos + BINDING_SIG_LEN])
+        pos += BINDING_SIG_LEN
+    elif has_id != 0:
+        raise MalformedError("identity flag must be 0 or 1")
+    (ext_len,) = _U16.unpack_from(buf, pos)
+    pos += 2
+    if ext_len > MAX_HANDSHAKE_EXT:
+        raise OversizeError("handshake extension too large")
+    if len(buf) - pos != ext_len:
+        raise MalformedError("handshake payload length mismatch")
+    return HandshakePayload(idx, identity, binding, bytes(buf[pos:]))
