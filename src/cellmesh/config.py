@@ -302,6 +302,8 @@ def _kind_of(f: dataclasses.Field[Any]) -> str:
 
 
 def _type_name(value: object) -> str:
+    if value is None:
+        return "None"
     if isinstance(value, bool):
         return "a boolean"
     if isinstance(value, int):

@@ -148,7 +148,7 @@ def test_env_parsing() -> None:
         ("CELLMESH_HANDSHAKE_RETRIES", "four", "CELLMESH_HANDSHAKE_RETRIES: handshake_retries must be an integer, got 'four'"),
         ("CELLMESH_HANDSHAKE_RETRIES", "4.0", "must be an integer, got '4.0'"),
         ("CELLMESH_HANDSHAKE_TIMEOUT", "", "CELLMESH_HANDSHAKE_TIMEOUT: handshake_timeout must be a number, got ''"),
-        ("CELLMESH_HANDSHAKE_TIMEOUT", "５", "must be a number"),
+        ("CELLMESH_HANDSHAKE_TIMEOUT", "\uff15", "must be a number"),
         ("CELLMESH_HANDSHAKE_TIMEOUT", "-1", "CELLMESH_HANDSHAKE_TIMEOUT: handshake_timeout must be a positive"),
         ("CELLMESH_HANDSHAKE_TIMEOUT", "nan", "CELLMESH_HANDSHAKE_TIMEOUT: handshake_timeout must be a positive"),
         ("CELLMESH_LOG_LEVEL", "loud", "CELLMESH_LOG_LEVEL: log_level must be one of debug, info"),
@@ -291,7 +291,7 @@ def test_validation(changes: dict[str, Any], message: str) -> None:
     [
         ({"listen": "[::]:1"}, "listen must be an array of strings, got a string"),
         ({"listen": ("[::]:1", 2)}, "listen must be an array of strings, but item 2 is an integer"),
-        ({"name": None}, "name must be a string, got a NoneType"),
+        ({"name": None}, "name must be a string, got None"),
         ({"max_sessions": 1.0}, "max_sessions must be an integer, got a float"),
         ({"max_sessions": True}, "max_sessions must be an integer, got a boolean"),
         ({"handshake_rate": "fast"}, "handshake_rate must be a number, got a string"),
@@ -318,8 +318,7 @@ def test_cross_field_error_names_the_source_that_set_it() -> None:
     )
 
 
-def test_default_error_without_source() -> None:
-    # A config can be invalid only through something a user set, so every message has a source.
+def test_cross_field_error_from_env() -> None:
     with pytest.raises(ConfigError, match=r"^CELLMESH_KEEPALIVE_INTERVAL: "):
         load_config(None, {"CELLMESH_KEEPALIVE_INTERVAL": "100"})
 
@@ -355,7 +354,7 @@ def test_parse_host_port_accepts(text: str, expected: tuple[str, int]) -> None:
         ("host:65536", "port 65536 is out of range 0-65535"),
         ("host:-1", "port must be a number 0-65535"),
         ("host:http", "port must be a number 0-65535"),
-        ("host:１", "port must be a number 0-65535"),
+        ("host:\uff11", "port must be a number 0-65535"),
         ("host:999999", "port must be a number 0-65535"),
         ("[::1:5", "missing ']'"),
         ("[::1]5", "expected ':PORT' after ']'"),
@@ -374,7 +373,7 @@ def test_parse_host_port_rejects(text: str, message: str) -> None:
 
 def test_parse_host_port_default_port() -> None:
     assert parse_host_port("host", default_port=7) == ("host", 7)
-    with pytest.raises(ConfigError, match="put IPv6 addresses in brackets, e.g. \\[::1\\]:7"):
+    with pytest.raises(ConfigError, match=r"put IPv6 addresses in brackets, e.g. \[::1\]:7"):
         parse_host_port("::1", default_port=7)
 
 
@@ -383,9 +382,11 @@ def test_arbitrary_toml_text_gives_config_or_config_error(text: str) -> None:
     try:
         cfg = load_config(text, {})
     except ConfigError as exc:
-        assert "\n" not in str(exc)
+        message = str(exc)
+    else:
+        assert isinstance(cfg, NodeConfig)
         return
-    assert isinstance(cfg, NodeConfig)
+    assert "\n" not in message
 
 
 _NAMES = [f.name for f in config_fields()]

@@ -44,8 +44,7 @@ def _hostile_datagrams(victim: Node, sender_cell: bytes, n: int) -> list[bytes]:
         elif kind == 3:  # a DATA frame under an unknown session id
             body = os.urandom(48)
             out.append(
-                pack_header(FrameType.DATA, sender_cell, victim.cell_id, i + 1, i, len(body))
-                + body
+                pack_header(FrameType.DATA, sender_cell, victim.cell_id, i + 1, i, len(body)) + body
             )
         elif kind == 4:  # a forged DATA frame on a real session id (bad tag)
             s = session.session_for(sender_cell)
@@ -107,7 +106,11 @@ async def run_demo(console: Console, n_nodes: int, pings: int) -> bool:
                 med = f"{statistics.median(rtts):.3f} ms" if rtts else "-"
                 mx = f"{max(rtts):.3f} ms" if rtts else "-"
                 table.add_row(
-                    _short(nodes[i].cell_id), _short(nodes[j].cell_id), f"{len(rtts)}/{pings}", med, mx
+                    _short(nodes[i].cell_id),
+                    _short(nodes[j].cell_id),
+                    f"{len(rtts)}/{pings}",
+                    med,
+                    mx,
                 )
         console.print(table)
 
@@ -149,8 +152,12 @@ async def run_demo(console: Console, n_nodes: int, pings: int) -> bool:
             pt.add_column(col)
         for p in victim.peers():
             rtt_s = "-" if p.rtt is None else f"{p.rtt * 1000:.3f} ms"
-            pt.add_row(format_cell_id(p.cell_id), format_addr(p.addr), rtt_s,
-                       f"{p.packets_in}/{p.packets_out}")
+            pt.add_row(
+                format_cell_id(p.cell_id),
+                format_addr(p.addr),
+                rtt_s,
+                f"{p.packets_in}/{p.packets_out}",
+            )
         console.print(pt)
     finally:
         for n in nodes:

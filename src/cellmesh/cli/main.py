@@ -28,8 +28,9 @@ from cellmesh.node.logs import configure_logging
 from cellmesh.node.node import Node, env_snapshot
 
 T = TypeVar("T")
-out = Console(highlight=False)
-err = Console(stderr=True, highlight=False)
+# When piped, rich would wrap at 80 columns and split CellIDs: give tables room instead.
+out = Console(highlight=False, width=None if sys.stdout.isatty() else 160)
+err = Console(stderr=True, highlight=False, width=None if sys.stderr.isatty() else 160)
 
 EXIT_ERROR = 1
 EXIT_UNREACHABLE = 2
@@ -156,7 +157,7 @@ def id_show(obj: Ctx, as_json: bool) -> None:
 @cli.command("node")
 @config_options
 @click.pass_obj
-def node_cmd(obj: Ctx, **flags: Any) -> None:
+def node_cmd(obj: Ctx, /, **flags: Any) -> None:
     """Run a node in the foreground until SIGINT or SIGTERM.
 
     Settings come from (weakest first) built-in defaults, DIR/config.toml, CELLMESH_* environment
@@ -216,7 +217,7 @@ def peers_cmd(obj: Ctx, as_json: bool) -> None:
         return
     t = Table(box=None, header_style="bold")
     for col in ("CellID", "address", "RTT", "session age", "in", "out"):
-        t.add_column(col)
+        t.add_column(col, no_wrap=True)
     for r in rows:
         t.add_row(
             r["cell_id"],
@@ -257,13 +258,13 @@ def status_cmd(obj: Ctx, as_json: bool) -> None:
 @cli.command("ping")
 @click.argument("cell_id", metavar="CELLID")
 @click.option("-c", "--count", default=4, show_default=True, help="Echo requests to send.")
-@click.option(
-    "-i", "--interval", default=1.0, show_default=True, help="Seconds between requests."
-)
+@click.option("-i", "--interval", default=1.0, show_default=True, help="Seconds between requests.")
 @click.option("-W", "--timeout", default=2.0, show_default=True, help="Seconds to wait per reply.")
 @click.option("-s", "--size", default=0, show_default=True, help="Payload bytes per request.")
 @click.pass_obj
-def ping_cmd(obj: Ctx, cell_id: str, count: int, interval: float, timeout: float, size: int) -> None:
+def ping_cmd(
+    obj: Ctx, cell_id: str, count: int, interval: float, timeout: float, size: int
+) -> None:
     """Send encrypted echo requests to CELLID through the running node.
 
     Exit status: 0 when at least one reply came back, 2 when the peer is unknown or unreachable.

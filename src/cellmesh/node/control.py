@@ -77,8 +77,9 @@ class ControlServer:
                 try:
                     line = await reader.readline()
                 except (ValueError, asyncio.LimitOverrunError):
-                    await self._reply(writer, {"ok": False, "error": "request too long",
-                                               "kind": "bad_request"})
+                    await self._reply(
+                        writer, {"ok": False, "error": "request too long", "kind": "bad_request"}
+                    )
                     return
                 if not line:
                     return

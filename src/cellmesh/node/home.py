@@ -79,6 +79,18 @@ def _write_all(fd: int, data: bytes) -> None:
         view = view[written:]
 
 
+def _read_up_to(fd: int, limit: int) -> bytes:
+    chunks: list[bytes] = []
+    remaining = limit
+    while remaining > 0:
+        chunk = os.read(fd, remaining)
+        if not chunk:
+            break
+        chunks.append(chunk)
+        remaining -= len(chunk)
+    return b"".join(chunks)
+
+
 def _who_can(mode: int) -> str:
     if mode & 0o044:
         return "readable"
@@ -260,8 +272,8 @@ class NodeHome:
             ) from None
         except OSError as exc:
             raise KeystoreError(f"{path}: cannot read: {exc.strerror}") from None
-        with os.fdopen(fd, "rb") as f:
-            st = os.fstat(f.fileno())
+        try:
+            st = os.fstat(fd)
             if not stat.S_ISREG(st.st_mode):
                 raise KeystoreError(f"{path} is not a regular file")
             mode = stat.S_IMODE(st.st_mode)
@@ -270,10 +282,11 @@ class NodeHome:
                     f"{path} is {_who_can(mode)} by group or others (mode {mode:04o}); "
                     f"run: chmod 600 {shlex.quote(str(path))}"
                 )
-            try:
-                data = f.read(MAX_KEYSTORE_BYTES + 1)
-            except OSError as exc:
-                raise KeystoreError(f"{path}: cannot read: {exc.strerror}") from None
+            data = _read_up_to(fd, MAX_KEYSTORE_BYTES + 1)
+        except OSError as exc:
+            raise KeystoreError(f"{path}: cannot read: {exc.strerror}") from None
+        finally:
+            os.close(fd)
         try:
             return decode_keystore(data, passphrase)
         except KeystoreError as exc:

@@ -196,7 +196,10 @@ class Endpoint:
         burst = max(1.0, config.handshake_rate / 4)
         self._hs_budget = TokenBucket(config.handshake_rate, burst, now)
         self._addr_budget: KeyedBuckets[str] = KeyedBuckets(20.0, 10.0, capacity=4096)
-        self._reply_budget = TokenBucket(config.handshake_rate, burst, now)
+        # Cookie replies and repeated answers cost a MAC, not a DH: allow many more of them, but
+        # still a bounded number, so the node cannot be used to reflect a flood at a victim.
+        reply_rate = max(1000.0, 10 * config.handshake_rate)
+        self._reply_budget = TokenBucket(reply_rate, reply_rate / 4, now)
         self._by_index: dict[int, Session] = {}
         self._peers: dict[bytes, _Peer] = {}
         self._known: OrderedDict[bytes, tuple[bytes, Addr]] = OrderedDict()
@@ -225,6 +228,9 @@ class Endpoint:
         """Feed one received datagram. Never raises for bad input: it is dropped and counted."""
         self._datagrams_in += 1
         self._bytes_in += len(data)
+        if len(data) > self.config.max_datagram:
+            self.drops["oversize"] += 1
+            return
         try:
             h = pull_header(data)
         except DecodeError as exc:
@@ -335,9 +341,17 @@ class Endpoint:
 
     def send_datagram(self, cell_id: bytes, data: bytes, now: float) -> None:
         """Send one unreliable application datagram to `cell_id` (queued behind a handshake)."""
-        if len(data) > MAX_PLAINTEXT - 3:
-            raise LocalProtocolError(f"datagram of {len(data)} bytes exceeds {MAX_PLAINTEXT - 3}")
+        limit = self.max_app_datagram
+        if len(data) > limit:
+            raise LocalProtocolError(
+                f"datagram of {len(data)} bytes exceeds the {limit}-byte limit"
+            )
         self._send_or_queue(cell_id, AppData(data), now)
+
+    @property
+    def max_app_datagram(self) -> int:
+        """The largest application datagram `send_datagram` accepts (max_datagram minus overhead)."""
+        return min(MAX_PLAINTEXT, self.config.max_datagram - HEADER_LEN - AEAD_TAG_LEN) - 3
 
     def close_peer(self, cell_id: bytes, now: float, code: int = CloseCode.NORMAL) -> None:
         """Tell `cell_id` we are closing, and forget its sessions."""
@@ -466,7 +480,7 @@ class Endpoint:
             self.drops["unknown_session"] += 1
             return
         # Follow a peer that moved (roaming): only on an authenticated packet newer than any seen.
-        if addr != s.addr and h.packet_number > highest_before:
+        if addr != s.addr and (highest_before is None or h.packet_number > highest_before):
             s.addr = addr
             p.addr = addr
         if (
@@ -831,10 +845,11 @@ class Endpoint:
         frame = pack_header(FrameType.HANDSHAKE_INIT, self.cell_id, dst, 0, 0, len(body)) + body
         self._out.append((frame, ini.addr))
         ini.last_sent = now
-        ini.next_send = now + self._backoff(ini.attempts)
+        deadline = ini.started + self.config.handshake_timeout
+        ini.next_send = min(now + self._backoff(ini.attempts), deadline)
 
     def _backoff(self, attempts: int) -> float:
-        return INITIAL_RTO * (2 ** (attempts - 1)) * self._rng.uniform(0.9, 1.1)
+        return INITIAL_RTO * 2.0 ** (attempts - 1) * self._rng.uniform(0.9, 1.1)
 
     def _end_initiation(self, idx: int) -> _Initiation | None:
         ini = self._initiations.pop(idx, None)

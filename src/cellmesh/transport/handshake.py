@@ -78,7 +78,8 @@ def _authenticate_peer(payload: HandshakePayload, remote_static: bytes | None) -
 
 def _split(hs: HandshakeState, initiator: bool) -> SessionKeys:
     c1, c2 = hs.split()
-    k1, k2 = TransportCipher(c1.key), TransportCipher(c2.key)
+    k1 = TransportCipher.from_cipher_state(c1)
+    k2 = TransportCipher.from_cipher_state(c2)
     send, recv = (k1, k2) if initiator else (k2, k1)
     return SessionKeys(send, recv, hs.handshake_hash)
 

@@ -79,12 +79,12 @@ def test_parse_bad_length_message() -> None:
 
 
 def test_parse_bad_character_message() -> None:
-    with pytest.raises(ValueError, match="only hex digits.*'g'"):
+    with pytest.raises(ValueError, match=r"only hex digits.*'g'"):
         parse_cell_id("g" + "0" * 31)
 
 
 def test_zero_cell_id() -> None:
-    assert ZERO_CELL_ID == bytes(16)
+    assert bytes(16) == ZERO_CELL_ID
     assert parse_cell_id("0" * 32) == ZERO_CELL_ID
 
 
