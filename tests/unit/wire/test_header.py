@@ -50,7 +50,7 @@ def _frame(h: FrameHeader) -> bytearray:
 def test_constants() -> None:
     assert HEADER_LEN == 64
     assert CELL_LEN == 16
-    assert ZERO_CELL == bytes(16)
+    assert bytes(16) == ZERO_CELL
     assert WIRE_VERSION == 1
     assert DEFAULT_HOP_TTL == 16
     assert MAX_PAYLOAD == 65507 - 64
@@ -134,7 +134,7 @@ def test_exact_byte_offsets() -> None:
     raw = push_header(h)
     assert len(raw) == 64
     assert raw[0] == WIRE_VERSION
-    assert raw[1] == FrameType.COOKIE_REPLY == 4
+    assert raw[1] == 4  # FrameType.COOKIE_REPLY
     assert raw[2] == 0xA5
     assert raw[3] == 0x7E
     assert raw[4:6] == b"\x12\x34"  # payload_len, big-endian

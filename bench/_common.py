@@ -1,0 +1,355 @@
+"""Shared helpers for the cellmesh benchmarks: argument parsing, timing, percentiles, child
+processes that always die, and one result printer (aligned text, optional JSON lines).
+
+Every benchmark compares a figure of ours with a baseline measured in the same invocation, on the
+same machine, at the same moment, so the ratio stays meaningful on a noisy machine even when the
+absolute figures wander.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import datetime
+import json
+import math
+import multiprocessing
+import multiprocessing.connection
+import os
+import platform
+import signal
+import statistics
+import sys
+import threading
+import time
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from types import FrameType
+from typing import Literal
+
+LOOPBACK = "127.0.0.1"
+CHILD_MAX_LIFETIME = 120.0
+"""A child process exits by itself after this many seconds, whatever the parent does."""
+
+Connection = multiprocessing.connection.Connection
+Better = Literal["lower", "higher"]
+
+
+# ------------------------------------------------------------------------------ arguments
+
+
+def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
+    """The options every benchmark takes: --quick and --json PATH."""
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--quick", action="store_true", help="short run (under 10 s), coarser figures")
+    p.add_argument(
+        "--json",
+        type=Path,
+        default=None,
+        metavar="PATH",
+        help="append one JSON line per result to PATH",
+    )
+    return p.parse_args(argv)
+
+
+def exit_on_sigterm() -> None:
+    """Turn SIGTERM into SystemExit so `finally` blocks (child clean-up) run."""
+
+    def handler(signum: int, frame: FrameType | None) -> None:
+        raise SystemExit(128 + signum)
+
+    signal.signal(signal.SIGTERM, handler)
+
+
+# ------------------------------------------------------------------------------ timing
+
+
+def now_ns() -> int:
+    """Monotonic high-resolution clock, nanoseconds."""
+    return time.perf_counter_ns()
+
+
+def time_calls(fn: Callable[[], object], n: int, warmup: int = 0) -> list[float]:
+    """Call `fn` `warmup` times untimed, then `n` times; return each call's duration in seconds."""
+    for _ in range(warmup):
+        fn()
+    clock = time.perf_counter_ns
+    out: list[float] = []
+    for _ in range(n):
+        t0 = clock()
+        fn()
+        out.append((clock() - t0) * 1e-9)
+    return out
+
+
+def percentile(samples: Sequence[float], q: float) -> float:
+    """The q-th percentile (0..100) with linear interpolation between closest ranks."""
+    if not samples:
+        raise ValueError("percentile of no samples")
+    xs = sorted(samples)
+    if len(xs) == 1:
+        return xs[0]
+    pos = (len(xs) - 1) * q / 100.0
+    lo = math.floor(pos)
+    hi = min(lo + 1, len(xs) - 1)
+    return xs[lo] + (xs[hi] - xs[lo]) * (pos - lo)
+
+
+@dataclass(frozen=True, slots=True)
+class Summary:
+    """Distribution of a series of durations (seconds)."""
+
+    n: int
+    median: float
+    p99: float
+    mean: float
+    minimum: float
+    maximum: float
+
+    @property
+    def per_second(self) -> float:
+        """Sequential operations per second (1 / mean)."""
+        return 1.0 / self.mean if self.mean > 0 else math.inf
+
+
+def summarize(samples: Sequence[float]) -> Summary:
+    """Median, p99, mean, min and max of `samples`."""
+    return Summary(
+        n=len(samples),
+        median=statistics.median(samples),
+        p99=percentile(samples, 99.0),
+        mean=statistics.fmean(samples),
+        minimum=min(samples),
+        maximum=max(samples),
+    )
+
+
+# ------------------------------------------------------------------------------ results
+
+
+@dataclass(frozen=True, slots=True)
+class Metric:
+    """One figure of ours next to the same figure of the baseline.
+
+    `value` and `baseline` are in SI base units (seconds, packets/s, bytes/s); `unit` picks how
+    they are printed. `better` says which direction is good, which orients the ratio's wording.
+    """
+
+    name: str
+    value: float
+    baseline: float | None
+    unit: str
+    better: Better
+
+    @property
+    def ratio(self) -> float | None:
+        """ours / baseline (None without a baseline)."""
+        if self.baseline is None or self.baseline == 0:
+            return None
+        return self.value / self.baseline
+
+
+@dataclass(frozen=True, slots=True)
+class Target:
+    """A claim to check, e.g. 'median under 1.5 ms'."""
+
+    description: str
+    met: bool
+
+
+@dataclass(slots=True)
+class Result:
+    """What one benchmark case prints and records."""
+
+    bench: str
+    case: str
+    ours: str
+    baseline: str
+    metrics: list[Metric]
+    targets: list[Target] = field(default_factory=list)
+    notes: list[str] = field(default_factory=list)
+    extra: dict[str, object] = field(default_factory=dict)
+
+
+_SCALE: dict[str, float] = {
+    "s": 1.0,
+    "ms": 1e3,
+    "us": 1e6,
+    "ns": 1e9,
+    "/s": 1.0,
+    "pps": 1.0,
+    "kpps": 1e-3,
+    "MB/s": 1e-6,
+    "x": 1.0,
+    "%": 100.0,
+}
+
+
+def fmt(value: float, unit: str) -> str:
+    """`value` (SI base units) printed in `unit` with 3-4 significant digits."""
+    v = value * _SCALE.get(unit, 1.0)
+    if v == 0 or not math.isfinite(v):
+        text = f"{v:g}"
+    elif abs(v) >= 1000:
+        text = f"{v:,.0f}"
+    elif abs(v) >= 100:
+        text = f"{v:.1f}"
+    elif abs(v) >= 10:
+        text = f"{v:.2f}"
+    else:
+        text = f"{v:.3f}"
+    return f"{text} {unit}"
+
+
+def _ratio_text(m: Metric) -> str:
+    r = m.ratio
+    if r is None:
+        return ""
+    if m.better == "lower":
+        word = "faster" if r < 1 else "slower"
+        factor = 1 / r if r < 1 else r
+    else:
+        word = "of baseline"
+        return f"{r:.2f}x ({r * 100:.0f}% {word})"
+    return f"{r:.2f}x ({factor:.2f}x {word})"
+
+
+def report(result: Result, json_path: Path | None, quick: bool) -> None:
+    """Print `result` as aligned lines; with `json_path`, append it as one JSON line."""
+    print(f"\n{result.bench} :: {result.case}")
+    print(f"  ours:     {result.ours}")
+    print(f"  baseline: {result.baseline}")
+    rows = [("metric", "ours", "baseline", "ratio ours/baseline")]
+    for m in result.metrics:
+        rows.append(
+            (
+                m.name,
+                fmt(m.value, m.unit),
+                "-" if m.baseline is None else fmt(m.baseline, m.unit),
+                _ratio_text(m),
+            )
+        )
+    widths = [max(len(r[i]) for r in rows) for i in range(3)]
+    for r in rows:
+        print(
+            f"  {r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}".rstrip()
+        )
+    for t in result.targets:
+        print(f"  target: {t.description}: {'MET' if t.met else 'MISSED'}")
+    for n in result.notes:
+        print(f"  note: {n}")
+    sys.stdout.flush()
+    if json_path is None:
+        return
+    record: dict[str, object] = {
+        "bench": result.bench,
+        "case": result.case,
+        "ours": result.ours,
+        "baseline": result.baseline,
+        "time": datetime.datetime.now(datetime.UTC).isoformat(timespec="seconds"),
+        "python": platform.python_version(),
+        "cpus": os.cpu_count(),
+        "quick": quick,
+        "metrics": [
+            {
+                "name": m.name,
+                "unit": m.unit,
+                "value": m.value,
+                "baseline": m.baseline,
+                "ratio": m.ratio,
+                "better": m.better,
+            }
+            for m in result.metrics
+        ],
+        "targets": [{"description": t.description, "met": t.met} for t in result.targets],
+        "notes": result.notes,
+        "extra": result.extra,
+    }
+    with json_path.open("a", encoding="utf-8") as f:
+        f.write(json.dumps(record, sort_keys=True) + "\n")
+
+
+# ------------------------------------------------------------------------------ processes
+
+
+_MP = multiprocessing.get_context("spawn")
+
+
+def _lifeline(parent_pid: int, deadline: float) -> None:
+    """In a child: exit at once when the parent is gone or the lifetime is over."""
+    while True:
+        if os.getppid() != parent_pid or time.monotonic() > deadline:
+            os._exit(3)
+        time.sleep(0.2)
+
+
+def _child_entry(
+    target: Callable[[Connection], None], conn: Connection, parent_pid: int, lifetime: float
+) -> None:
+    deadline = time.monotonic() + lifetime
+    threading.Thread(target=_lifeline, args=(parent_pid, deadline), daemon=True).start()
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the parent handles Ctrl-C and ends us
+    try:
+        target(conn)
+    finally:
+        conn.close()
+
+
+@contextlib.contextmanager
+def child_process(
+    target: Callable[[Connection], None],
+    name: str,
+    lifetime: float = CHILD_MAX_LIFETIME,
+) -> Iterator[Connection]:
+    """Run `target(conn)` in a fresh interpreter (spawn); yield our end of the pipe.
+
+    The child is always reaped: on leaving the block (normally or by an exception) the pipe is
+    closed, the child gets a moment to exit, then SIGTERM, then SIGKILL. The child also exits by
+    itself if this process dies or after `lifetime` seconds. `target` must be a module-level
+    function.
+    """
+    ours, theirs = _MP.Pipe()
+    proc = _MP.Process(
+        target=_child_entry,
+        args=(target, theirs, os.getpid(), lifetime),
+        name=name,
+        daemon=True,
+    )
+    proc.start()
+    theirs.close()
+    try:
+        yield ours
+    finally:
+        ours.close()
+        proc.join(2.0)
+        if proc.is_alive():
+            proc.terminate()
+            proc.join(2.0)
+        if proc.is_alive():
+            proc.kill()
+            proc.join()
+
+
+def expect(conn: Connection, timeout: float, what: str) -> object:
+    """Receive one message from a child within `timeout` seconds, or raise TimeoutError."""
+    if not conn.poll(timeout):
+        raise TimeoutError(f"child did not send {what} within {timeout:g} s")
+    msg: object = conn.recv()
+    if isinstance(msg, BaseException):
+        raise RuntimeError(f"child failed while {what}") from msg
+    return msg
+
+
+def send_error(conn: Connection, exc: BaseException) -> None:
+    """In a child: hand an exception to the parent (best effort)."""
+    with contextlib.suppress(Exception):
+        conn.send(RuntimeError(f"{type(exc).__name__}: {exc}"))
+
+
+def machine_line() -> str:
+    """One line describing where the figures come from."""
+    return (
+        f"{platform.python_implementation()} {platform.python_version()}, "
+        f"{os.cpu_count()} CPUs, {platform.system()} {platform.release()}"
+    )

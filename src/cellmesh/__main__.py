@@ -1,0 +1,5 @@
+"""`python -m cellmesh` runs the CLI."""
+
+from cellmesh.cli.main import main
+
+main()
