@@ -296,13 +296,46 @@ def _child_entry(
         conn.close()
 
 
+@dataclass(frozen=True, slots=True)
+class Child:
+    """A running child process: our end of its pipe and its pid (for CPU pinning)."""
+
+    conn: Connection
+    pid: int
+
+
+def can_pin() -> bool:
+    """True where processes can be pinned to CPUs (Linux) and there are at least 2 CPUs."""
+    return hasattr(os, "sched_setaffinity") and len(_START_CPUS) >= 2
+
+
+def pin(pid: int, cpu: int) -> None:
+    """Pin process `pid` (0 = this one; its main thread) to CPU `cpu`."""
+    os.sched_setaffinity(pid, {cpu})
+
+
+def cpus() -> list[int]:
+    """The CPUs this process was allowed to run on when the benchmark started, in order."""
+    return list(_START_CPUS)
+
+
+def unpin(pid: int = 0) -> None:
+    """Let process `pid` run on every CPU this benchmark started with again."""
+    os.sched_setaffinity(pid, _START_CPUS)
+
+
+_START_CPUS: tuple[int, ...] = (
+    tuple(sorted(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else (0,)
+)
+
+
 @contextlib.contextmanager
 def child_process(
     target: Callable[[Connection], None],
     name: str,
     lifetime: float = CHILD_MAX_LIFETIME,
-) -> Iterator[Connection]:
-    """Run `target(conn)` in a fresh interpreter (spawn); yield our end of the pipe.
+) -> Iterator[Child]:
+    """Run `target(conn)` in a fresh interpreter (spawn); yield it as a `Child`.
 
     The child is always reaped: on leaving the block (normally or by an exception) the pipe is
     closed, the child gets a moment to exit, then SIGTERM, then SIGKILL. The child also exits by
@@ -319,10 +352,11 @@ def child_process(
     proc.start()
     theirs.close()
     try:
-        yield ours
+        assert proc.pid is not None
+        yield Child(ours, proc.pid)
     finally:
         ours.close()
-        proc.join(2.0)
+        proc.join(1.0)
         if proc.is_alive():
             proc.terminate()
             proc.join(2.0)

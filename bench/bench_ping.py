@@ -24,20 +24,25 @@ import time
 
 from _common import (
     LOOPBACK,
+    Child,
     Connection,
     Metric,
     Result,
     Summary,
     Target,
+    can_pin,
     child_process,
+    cpus,
     exit_on_sigterm,
     expect,
     machine_line,
     now_ns,
     parse_args,
+    pin,
     report,
     send_error,
     summarize,
+    unpin,
 )
 
 from cellmesh.config import NodeConfig
@@ -206,11 +211,44 @@ async def node_pings(node: Node, cell: bytes, n: int, api: list[float], core: li
         core.append(rtt)
 
 
+Placement = tuple[str, int, int]  # (name, our CPU, the children's CPU)
+
+
+def placements() -> list[Placement]:
+    """Where to run: every process on one CPU, and pinger / echo servers on two CPUs.
+
+    Pinning matters here: on this kind of VM waking a process on an idle *other* vCPU costs tens of
+    microseconds per direction, while handing over on the same CPU costs a few. Left to the
+    scheduler, a run measures whichever placement it happened to pick, so we pin and show both.
+    """
+    if not can_pin():
+        return [("unpinned", -1, -1)]
+    c = cpus()
+    return [("same CPU", c[0], c[0]), ("separate CPUs", c[0], c[1])]
+
+
+def place(where: Placement, children: list[Child]) -> None:
+    _, ours, theirs = where
+    if ours < 0:
+        return
+    pin(0, ours)
+    for ch in children:
+        pin(ch.pid, theirs)
+
+
 async def run_rounds(
-    node_addr: Addr, udp_addr: Addr, aio_addr: Addr, rounds: int, per_round: int, warmup: int
-) -> tuple[dict[str, list[float]], dict[str, object]]:
+    children: list[Child],
+    addrs: tuple[Addr, Addr, Addr],
+    rounds: int,
+    per_round: int,
+    warmup: int,
+) -> tuple[dict[tuple[str, str], list[float]], dict[str, object]]:
+    node_addr, udp_addr, aio_addr = addrs
     loop = asyncio.get_running_loop()
-    samples: dict[str, list[float]] = {"node": [], "node_core": [], "udp": [], "asyncio": []}
+    where_all = placements()
+    samples: dict[tuple[str, str], list[float]] = {
+        (w[0], case): [] for w in where_all for case in ("node", "node_core", "udp", "asyncio")
+    }
     scratch: list[float] = []
     udp = UdpClient(udp_addr)
     aio = AsyncioClient(aio_addr, loop)
@@ -219,21 +257,36 @@ async def run_rounds(
             t0 = now_ns()
             cell = await node.connect(node_addr)
             connect_s = (now_ns() - t0) * 1e-9
-            await node_pings(node, cell, warmup, scratch, scratch)
-            udp.pings(warmup, scratch)
-            await aio.pings(warmup, scratch)
-            for _ in range(rounds):
-                await node_pings(node, cell, per_round, samples["node"], samples["node_core"])
-                udp.pings(per_round, samples["udp"])
-                await aio.pings(per_round, samples["asyncio"])
+            for i in range(rounds):
+                for where in where_all:
+                    place(where, children)
+                    w = where[0]
+                    if i == 0:
+                        await node_pings(node, cell, warmup, scratch, scratch)
+                        udp.pings(warmup, scratch)
+                        await aio.pings(warmup, scratch)
+                    await node_pings(
+                        node, cell, per_round, samples[w, "node"], samples[w, "node_core"]
+                    )
+                    udp.pings(per_round, samples[w, "udp"])
+                    await aio.pings(per_round, samples[w, "asyncio"])
             info: dict[str, object] = {
                 "connect_s": connect_s,
                 "pinger_stats": stats_dict(node.statistics()),
             }
     finally:
+        if can_pin():
+            unpin()
         aio.close()
         udp.sock.close()
     return samples, info
+
+
+def addr_of(msg: object) -> Addr:
+    if not (isinstance(msg, tuple | list) and len(msg) == 2):
+        raise TypeError(f"expected (host, port), got {msg!r}")
+    host, port = msg
+    return str(host), int(port)
 
 
 def main() -> int:
@@ -241,65 +294,66 @@ def main() -> int:
     args = parse_args(__doc__.splitlines()[0] if __doc__ else BENCH)
     rounds, per_round, warmup = (4, 100, 100) if args.quick else (10, 200, 300)
     n = rounds * per_round
-    print(f"{BENCH}: {machine_line()}; {n} sequential pings per case in {rounds} rounds")
+    print(f"{BENCH}: {machine_line()}; {n} sequential pings per case and placement")
     t_start = time.monotonic()
     with (
-        child_process(node_echo_child, "bench-ping-node") as node_conn,
-        child_process(udp_echo_child, "bench-ping-udp") as udp_conn,
-        child_process(asyncio_echo_child, "bench-ping-asyncio") as aio_conn,
+        child_process(node_echo_child, "bench-ping-node") as node_child,
+        child_process(udp_echo_child, "bench-ping-udp") as udp_child,
+        child_process(asyncio_echo_child, "bench-ping-asyncio") as aio_child,
     ):
-        node_addr, _cell = expect(node_conn, 30.0, "its node address")  # type: ignore[misc]
-        udp_addr = expect(udp_conn, 30.0, "its echo address")
-        aio_addr = expect(aio_conn, 30.0, "its echo address")
-        samples, info = asyncio.run(
-            run_rounds(
-                tuple(node_addr),  # type: ignore[arg-type]
-                tuple(udp_addr),  # type: ignore[arg-type]
-                tuple(aio_addr),  # type: ignore[arg-type]
-                rounds,
-                per_round,
-                warmup,
-            )
+        hello = expect(node_child.conn, 30.0, "its node address")
+        assert isinstance(hello, tuple)
+        addrs = (
+            addr_of(hello[0]),
+            addr_of(expect(udp_child.conn, 30.0, "its echo address")),
+            addr_of(expect(aio_child.conn, 30.0, "its echo address")),
         )
-        node_conn.send("stop")
-        info["echo_stats"] = expect(node_conn, 10.0, "its statistics")
-        udp_conn.send("stop")
-        aio_conn.send("stop")
-    s: dict[str, Summary] = {k: summarize(v) for k, v in samples.items()}
-    node, core, base, aio = s["node"], s["node_core"], s["udp"], s["asyncio"]
-    report(
-        Result(
-            bench=BENCH,
-            case="ping_rtt",
-            ours=f"await Node.ping() to a Node in another process, {PING_WIRE_LEN}-byte datagrams",
-            baseline=f"raw UDP echo, blocking sockets, {PING_WIRE_LEN}-byte datagrams",
-            metrics=[
-                Metric("median", node.median, base.median, "us", "lower"),
-                Metric("p99", node.p99, base.p99, "us", "lower"),
-                Metric("mean", node.mean, base.mean, "us", "lower"),
-                Metric("min", node.minimum, base.minimum, "us", "lower"),
-            ],
-            targets=[Target("median under 150 us", node.median < TARGET_S)],
-            notes=[
-                f"RTT as recorded by the endpoint (send_ping to PONG opened): median "
-                f"{core.median * 1e6:.1f} us, p99 {core.p99 * 1e6:.1f} us",
-                f"asyncio echo, add_reader both ends, no crypto (event-loop floor): median "
-                f"{aio.median * 1e6:.1f} us, p99 {aio.p99 * 1e6:.1f} us; "
-                f"Node/that = {node.median / aio.median:.2f}x",
-                f"first connect (XX handshake over loopback): "
-                f"{float(info['connect_s']) * 1e3:.2f} ms",  # type: ignore[arg-type]
-            ],
-            extra={
-                "n": n,
-                "endpoint_rtt_median_s": core.median,
-                "asyncio_median_s": aio.median,
-                "asyncio_p99_s": aio.p99,
-                **info,
-            },
-        ),
-        args.json,
-        args.quick,
-    )
+        samples, info = asyncio.run(
+            run_rounds([node_child, udp_child, aio_child], addrs, rounds, per_round, warmup)
+        )
+        node_child.conn.send("stop")
+        info["echo_stats"] = expect(node_child.conn, 10.0, "its statistics")
+        udp_child.conn.send("stop")
+        aio_child.conn.send("stop")
+    connect_ms = float(info["connect_s"]) * 1e3  # type: ignore[arg-type]
+    for where, _, _ in placements():
+        node = summarize(samples[where, "node"])
+        core = summarize(samples[where, "node_core"])
+        base = summarize(samples[where, "udp"])
+        aio = summarize(samples[where, "asyncio"])
+        report(
+            Result(
+                bench=BENCH,
+                case=f"ping_rtt ({where})",
+                ours=f"await Node.ping() to a Node in another process, {PING_WIRE_LEN} B datagrams",
+                baseline=f"raw UDP echo, blocking sockets, {PING_WIRE_LEN} B datagrams",
+                metrics=[
+                    Metric("median", node.median, base.median, "us", "lower"),
+                    Metric("p99", node.p99, base.p99, "us", "lower"),
+                    Metric("mean", node.mean, base.mean, "us", "lower"),
+                    Metric("min", node.minimum, base.minimum, "us", "lower"),
+                ],
+                targets=[Target("median under 150 us", node.median < TARGET_S)],
+                notes=[
+                    f"RTT as recorded by the endpoint (send_ping to PONG opened): median "
+                    f"{core.median * 1e6:.1f} us, p99 {core.p99 * 1e6:.1f} us",
+                    f"asyncio echo, add_reader both ends, no crypto (event-loop floor): median "
+                    f"{aio.median * 1e6:.1f} us, p99 {aio.p99 * 1e6:.1f} us; "
+                    f"Node/that = {node.median / aio.median:.2f}x",
+                    f"first connect (XX handshake over loopback): {connect_ms:.2f} ms",
+                ],
+                extra={
+                    "n": node.n,
+                    "placement": where,
+                    "endpoint_rtt_median_s": core.median,
+                    "asyncio_median_s": aio.median,
+                    "asyncio_p99_s": aio.p99,
+                    **info,
+                },
+            ),
+            args.json,
+            args.quick,
+        )
     print(f"\n({time.monotonic() - t_start:.1f} s)")
     return 0
 

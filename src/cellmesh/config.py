@@ -86,7 +86,7 @@ class NodeConfig:
     )
     name: str = field(
         default="",
-        metadata=_doc("Human-readable node name shown to peers (at most 64 characters)."),
+        metadata=_doc("Human-readable node name, shown by `status` (at most 64 characters)."),
     )
     log_level: str = field(
         default="info", metadata=_doc("Log verbosity: debug, info, warning or error.")

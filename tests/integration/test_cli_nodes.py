@@ -117,9 +117,7 @@ def test_id_new_refuses_to_overwrite(tmp_path: Path, cli: type[CliRunner]) -> No
     assert r.stdout.strip().splitlines()[-1] != first
 
 
-def test_corrupt_keystore_is_one_line_naming_the_file(
-    tmp_path: Path, cli: type[CliRunner]
-) -> None:
+def test_corrupt_keystore_is_one_line_naming_the_file(tmp_path: Path, cli: type[CliRunner]) -> None:
     home = tmp_path / "c"
     cli.identity(home)
     ks = home / "keystore.json"

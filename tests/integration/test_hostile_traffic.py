@@ -81,10 +81,15 @@ def _hostile(
             yield pack_header(FrameType.DATA, node_cell, node_cell, sid, i, 32) + bytes(32)
         elif k == 7:  # responses and finishes for handshakes that never happened
             t = FrameType.HANDSHAKE_RESP if i % 2 else FrameType.HANDSHAKE_FINISH
-            yield pack_header(t, peer_cell, node_cell, rng.getrandbits(64), 0, 96) + rng.randbytes(96)
+            yield pack_header(t, peer_cell, node_cell, rng.getrandbits(64), 0, 96) + rng.randbytes(
+                96
+            )
         elif k == 8:  # a handshake initiation with a garbage Noise message
             body = bytes([1]) + bytes(16) + rng.randbytes(80)
-            yield pack_header(FrameType.HANDSHAKE_INIT, rng.randbytes(16), bytes(16), 0, 0, len(body)) + body
+            yield (
+                pack_header(FrameType.HANDSHAKE_INIT, rng.randbytes(16), bytes(16), 0, 0, len(body))
+                + body
+            )
         else:  # header length lies / trailing junk
             yield pack_header(FrameType.DATA, peer_cell, node_cell, sid, i, 10) + bytes(40)
 

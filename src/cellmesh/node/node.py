@@ -264,7 +264,7 @@ class Node:
 
     # ------------------------------------------------------------------ application API
 
-    async def connect(self, addr: str | Addr, timeout: float = 5.0) -> bytes:  # noqa: ASYNC109
+    async def connect(self, addr: str | Addr, timeout: float = 5.0) -> bytes:
         """Handshake with whoever listens at `addr`; returns its CellID."""
         target = resolve_addr(addr) if isinstance(addr, str) else addr
         ep = self.endpoint
@@ -279,9 +279,7 @@ class Node:
                 f"no handshake with {format_addr(target)} within {timeout:g} s"
             ) from None
 
-    async def ping(  # noqa: ASYNC109 - a per-call deadline is the natural API for ping
-        self, cell_id: bytes | str, timeout: float = 2.0, data: bytes = b""
-    ) -> float:
+    async def ping(self, cell_id: bytes | str, timeout: float = 2.0, data: bytes = b"") -> float:
         """Encrypted echo to `cell_id`; returns the round-trip time in seconds.
 
         Raises `PeerUnreachableError` if the peer is unknown, the handshake fails, or no reply

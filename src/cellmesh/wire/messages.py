@@ -106,7 +106,8 @@ def push_message(m: Message) -> bytes:
     if isinstance(m, Pong):
         return _record(MsgType.PONG, _U64.pack(m.ping_id) + m.data)
     if isinstance(m, Close):
-        reason = m.reason.encode("utf-8")[:MAX_REASON]
+        # Cut at 200 bytes without splitting a multi-byte character (receivers reject bad UTF-8).
+        reason = m.reason.encode("utf-8")[:MAX_REASON].decode("utf-8", "ignore").encode("utf-8")
         return _record(MsgType.CLOSE, _U16.pack(m.code) + reason)
     if isinstance(m, Keepalive):
         return _record(MsgType.KEEPALIVE, b"")

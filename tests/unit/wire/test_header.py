@@ -3,10 +3,15 @@
 from __future__ import annotations
 
 import dataclasses
+import re
+from pathlib import Path
 
 import pytest
+from cryptography.hazmat.primitives.asymmetric.x25519 import X25519PrivateKey
 
 from cellmesh.errors import MalformedError, OversizeError, TruncatedError, VersionError
+from cellmesh.identity.keys import Identity
+from cellmesh.transport.handshake import InitiatorHandshake
 from cellmesh.wire.header import (
     CELL_LEN,
     DEFAULT_HOP_TTL,
@@ -23,6 +28,7 @@ from cellmesh.wire.header import (
     pull_header,
     push_header,
 )
+from cellmesh.wire.messages import InitBody, push_init_body
 
 SRC = bytes(range(0x01, 0x11))
 DST = bytes(range(0x21, 0x31))
@@ -272,3 +278,31 @@ def test_associated_data_does_not_mutate_input() -> None:
     raw = bytearray(push_header(_header(hop_ttl=9)))
     associated_data(raw)
     assert raw[3] == 9
+
+
+# --- docs/wire.md ------------------------------------------------------------------------------
+
+WIRE_MD = Path(__file__).resolve().parents[3] / "docs" / "wire.md"
+
+
+def test_worked_example_in_docs_matches_the_code() -> None:
+    """docs/wire.md section 7 pastes this frame; keep the two in step."""
+    alice = Identity.from_secret(bytes(range(64)))
+    eph = X25519PrivateKey.from_private_bytes(b"\x42" * 32)
+    hs = InitiatorHandshake(alice, sender_index=0x0102030405060708, ephemeral=eph)
+    body = push_init_body(InitBody(hs.pattern, bytes(16), hs.first_message()))
+    frame = pack_header(FrameType.HANDSHAKE_INIT, alice.cell_id, ZERO_CELL, 0, 0, len(body)) + body
+    assert len(frame) == 125
+    h = pull_header(frame)
+    assert (h.type, h.src, h.dst, h.payload_len) == (
+        FrameType.HANDSHAKE_INIT,
+        alice.cell_id,
+        ZERO_CELL,
+        61,
+    )
+
+    text = WIRE_MD.read_text(encoding="utf-8")
+    dump = text.split("Output (125 bytes):", 1)[1].split("```", 2)[1]
+    lines = re.findall(r"^([0-9a-f]{4})  ((?:[0-9a-f]{2} ?)+)$", dump, flags=re.MULTILINE)
+    assert [int(off, 16) for off, _ in lines] == list(range(0, 125, 16))
+    assert bytes.fromhex("".join(hexbytes for _, hexbytes in lines)) == frame

@@ -1,0 +1,57 @@
+"""The examples shown in docs/api.md and the README run as documented."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from conftest import CliRunner, NodeProcess
+
+ROOT = Path(__file__).resolve().parents[2]
+
+
+def test_embedded_example_runs() -> None:
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "embedded_ping.py")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "ping " in r.stdout
+    assert "b received b'HELLO FROM B'" in r.stdout
+
+
+def test_control_client_example_runs(
+    tmp_path: Path, cli: type[CliRunner], node_factory: type[NodeProcess]
+) -> None:
+    a_home, b_home = tmp_path / "a", tmp_path / "b"
+    a_cell = cli.identity(a_home)
+    b_cell = cli.identity(b_home)
+    port = cli.free_port()
+    node_factory(a_home, "--listen", f"127.0.0.1:{port}")
+    node_factory(b_home, "--listen", "127.0.0.1:0", "--peer", f"127.0.0.1:{port}")
+    deadline = time.monotonic() + 10
+    while True:
+        r = subprocess.run(
+            [
+                sys.executable,
+                str(ROOT / "examples" / "control_client.py"),
+                "--home",
+                str(a_home),
+                b_cell,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            check=False,
+        )
+        if r.returncode == 0 or time.monotonic() > deadline:
+            break
+        time.sleep(0.2)
+    assert r.returncode == 0, r.stderr
+    assert f"node {a_cell}" in r.stdout
+    assert f"ping {b_cell}" in r.stdout
