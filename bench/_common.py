@@ -19,6 +19,7 @@ import os
 import platform
 import signal
 import statistics
+import subprocess
 import sys
 import threading
 import time
@@ -33,14 +34,23 @@ CHILD_MAX_LIFETIME = 120.0
 """A child process exits by itself after this many seconds, whatever the parent does."""
 
 Connection = multiprocessing.connection.Connection
+_START_CPUS: tuple[int, ...] = (
+    tuple(sorted(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else (0,)
+)
 Better = Literal["lower", "higher"]
+_RUN_INFO: dict[str, object] = {}
+"""Facts about this run that every JSON record carries (e.g. how busy the machine was)."""
 
 
 # ------------------------------------------------------------------------------ arguments
 
 
-def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """The options every benchmark takes: --quick and --json PATH."""
+def parse_args(
+    description: str,
+    extra: Callable[[argparse.ArgumentParser], None] | None = None,
+    argv: Sequence[str] | None = None,
+) -> argparse.Namespace:
+    """The options every benchmark takes (--quick, --json PATH), plus what `extra` adds."""
     p = argparse.ArgumentParser(description=description)
     p.add_argument("--quick", action="store_true", help="short run (under 10 s), coarser figures")
     p.add_argument(
@@ -50,6 +60,8 @@ def parse_args(description: str, argv: Sequence[str] | None = None) -> argparse.
         metavar="PATH",
         help="append one JSON line per result to PATH",
     )
+    if extra is not None:
+        extra(p)
     return p.parse_args(argv)
 
 
@@ -232,9 +244,7 @@ def report(result: Result, json_path: Path | None, quick: bool) -> None:
         )
     widths = [max(len(r[i]) for r in rows) for i in range(3)]
     for r in rows:
-        print(
-            f"  {r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}".rstrip()
-        )
+        print(f"  {r[0]:<{widths[0]}}  {r[1]:>{widths[1]}}  {r[2]:>{widths[2]}}  {r[3]}".rstrip())
     for t in result.targets:
         print(f"  target: {t.description}: {'MET' if t.met else 'MISSED'}")
     for n in result.notes:
@@ -251,6 +261,7 @@ def report(result: Result, json_path: Path | None, quick: bool) -> None:
         "python": platform.python_version(),
         "cpus": os.cpu_count(),
         "quick": quick,
+        **_RUN_INFO,
         "metrics": [
             {
                 "name": m.name,
@@ -324,11 +335,6 @@ def unpin(pid: int = 0) -> None:
     os.sched_setaffinity(pid, _START_CPUS)
 
 
-_START_CPUS: tuple[int, ...] = (
-    tuple(sorted(os.sched_getaffinity(0))) if hasattr(os, "sched_getaffinity") else (0,)
-)
-
-
 @contextlib.contextmanager
 def child_process(
     target: Callable[[Connection], None],
@@ -381,9 +387,81 @@ def send_error(conn: Connection, exc: BaseException) -> None:
         conn.send(RuntimeError(f"{type(exc).__name__}: {exc}"))
 
 
+def _cpu_times() -> tuple[int, int] | None:
+    """(idle, total) jiffies over all CPUs from /proc/stat, or None off Linux."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = [int(x) for x in f.readline().split()[1:]]
+    except (OSError, ValueError):
+        return None
+    idle = fields[3] + (fields[4] if len(fields) > 4 else 0)  # idle + iowait
+    return idle, sum(fields)
+
+
+def busy_fraction(interval: float = 0.3) -> float | None:
+    """Fraction of all CPUs busy (with other work) during `interval` seconds, or None."""
+    a = _cpu_times()
+    time.sleep(interval)
+    b = _cpu_times()
+    if a is None or b is None or b[1] == a[1]:
+        return None
+    return 1.0 - (b[0] - a[0]) / (b[1] - a[1])
+
+
+BUSY_WARNING = 0.15
+
+
 def machine_line() -> str:
     """One line describing where the figures come from."""
     return (
         f"{platform.python_implementation()} {platform.python_version()}, "
         f"{os.cpu_count()} CPUs, {platform.system()} {platform.release()}"
     )
+
+
+def cellmesh_source() -> str:
+    """Where `cellmesh` is imported from and, in a git checkout, its commit and whether src/ has
+    uncommitted changes (the figures belong to that code, not to a commit, when it has)."""
+    import cellmesh
+
+    pkg = Path(cellmesh.__file__).resolve().parent
+    try:
+        head = subprocess.run(
+            ["git", "-C", str(pkg), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(pkg), "status", "--porcelain", "--", "."],
+            capture_output=True,
+            text=True,
+            timeout=5,
+            check=True,
+        ).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return f"cellmesh from {pkg} (not a git checkout)"
+    state = "with uncommitted changes" if dirty else "clean"
+    return f"cellmesh from {pkg} (git {head}, {state})"
+
+
+def print_header(bench: str, detail: str) -> float | None:
+    """Print what runs where, and warn when other processes keep the CPUs busy.
+
+    Returns the busy fraction measured just before the start (None where unknown).
+    """
+    busy = busy_fraction()
+    _RUN_INFO["busy_before_start"] = busy
+    load = "" if busy is None else f", {busy:.0%} busy before start"
+    source = cellmesh_source()
+    _RUN_INFO["cellmesh"] = source
+    print(f"{bench}: {machine_line()}{load}; {detail}")
+    print(f"  {source}")
+    if busy is not None and busy > BUSY_WARNING:
+        print(
+            "  WARNING: other processes are using the CPUs; absolute figures will be low and "
+            "noisy (ratios less so, since both sides are interleaved)"
+        )
+    sys.stdout.flush()
+    return busy

@@ -25,23 +25,23 @@ import time
 from collections.abc import Callable
 from pathlib import Path
 
+from cryptography import x509
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from cryptography.x509.oid import NameOID
+
 from _common import (
     Metric,
     Result,
     Summary,
     Target,
     exit_on_sigterm,
-    machine_line,
     now_ns,
     parse_args,
+    print_header,
     report,
     summarize,
 )
-from cryptography import x509
-from cryptography.hazmat.primitives import serialization
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from cryptography.x509.oid import NameOID
-
 from cellmesh.config import NodeConfig
 from cellmesh.identity.keys import Identity
 from cellmesh.transport.endpoint import Endpoint
@@ -169,7 +169,12 @@ def tls_handshake(client_ctx: ssl.SSLContext, server_ctx: ssl.SSLContext) -> Cal
     """One full TLS 1.3 handshake between two SSLObjects over memory BIOs."""
 
     def run() -> None:
-        c_in, c_out, s_in, s_out = ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO(), ssl.MemoryBIO()
+        c_in, c_out, s_in, s_out = (
+            ssl.MemoryBIO(),
+            ssl.MemoryBIO(),
+            ssl.MemoryBIO(),
+            ssl.MemoryBIO(),
+        )
         client = client_ctx.wrap_bio(c_in, c_out, server_side=False, server_hostname="server.bench")
         server = server_ctx.wrap_bio(s_in, s_out, server_side=True)
         c_done = s_done = False
@@ -251,7 +256,7 @@ def main() -> int:
     exit_on_sigterm()
     args = parse_args(__doc__.splitlines()[0] if __doc__ else BENCH)
     rounds, per_round, warmup = (4, 50, 20) if args.quick else (10, 200, 100)
-    print(f"{BENCH}: {machine_line()}; {rounds} rounds x {per_round} handshakes per case")
+    print_header(BENCH, f"{rounds} rounds x {per_round} handshakes per case")
     t0 = time.monotonic()
     samples = measure(rounds, per_round, warmup)
     s = {k: summarize(v) for k, v in samples.items()}

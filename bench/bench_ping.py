@@ -17,6 +17,8 @@ are started together, so noise on a shared machine hits them alike.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import os
 import socket
 import sys
 import threading
@@ -28,23 +30,21 @@ from _common import (
     Connection,
     Metric,
     Result,
-    Summary,
     Target,
     can_pin,
     child_process,
     cpus,
     exit_on_sigterm,
     expect,
-    machine_line,
     now_ns,
     parse_args,
     pin,
+    print_header,
     report,
     send_error,
     summarize,
     unpin,
 )
-
 from cellmesh.config import NodeConfig
 from cellmesh.identity.keys import Identity
 from cellmesh.node.node import Node, stats_dict
@@ -89,12 +89,8 @@ def _exit_when_parent_says(conn: Connection) -> None:
     """Helper thread for blocking children: exit on a parent message or a closed pipe."""
 
     def wait() -> None:
-        try:
+        with contextlib.suppress(EOFError, OSError):
             conn.recv()
-        except (EOFError, OSError):
-            pass
-        import os
-
         os._exit(0)
 
     threading.Thread(target=wait, daemon=True).start()
@@ -294,7 +290,7 @@ def main() -> int:
     args = parse_args(__doc__.splitlines()[0] if __doc__ else BENCH)
     rounds, per_round, warmup = (4, 100, 100) if args.quick else (10, 200, 300)
     n = rounds * per_round
-    print(f"{BENCH}: {machine_line()}; {n} sequential pings per case and placement")
+    print_header(BENCH, f"{n} sequential pings per case and placement")
     t_start = time.monotonic()
     with (
         child_process(node_echo_child, "bench-ping-node") as node_child,
@@ -315,7 +311,8 @@ def main() -> int:
         info["echo_stats"] = expect(node_child.conn, 10.0, "its statistics")
         udp_child.conn.send("stop")
         aio_child.conn.send("stop")
-    connect_ms = float(info["connect_s"]) * 1e3  # type: ignore[arg-type]
+    connect_s = info["connect_s"]
+    connect_ms = float(connect_s) * 1e3 if isinstance(connect_s, float) else float("nan")
     for where, _, _ in placements():
         node = summarize(samples[where, "node"])
         core = summarize(samples[where, "node_core"])

@@ -54,9 +54,12 @@ MAX_NAME_LEN: Final = 64
 MIN_REPLAY_WINDOW: Final = 2048
 MAX_REPLAY_WINDOW: Final = 1 << 20
 MAX_REKEY_AFTER_PACKETS: Final = 1 << 63
-MIN_DATAGRAM: Final = 1280
+MIN_DATAGRAM: Final = 1200
 MAX_DATAGRAM: Final = 65507
 MIN_RECV_BUFFER: Final = 4096
+MIN_WINDOW: Final = 64 * 1024
+MAX_WINDOW: Final = 1 << 30
+CONGESTION_CONTROLLERS: Final = ("bbr", "reno")
 MAX_RECV_BUFFER: Final = (1 << 31) - 1
 MAX_LISTEN: Final = 64
 MAX_PEERS: Final = 4096
@@ -137,10 +140,39 @@ class NodeConfig:
     )
     max_datagram: int = field(
         default=MAX_DATAGRAM,
-        metadata=_doc("Largest UDP datagram sent or accepted, in bytes (1280 to 65507)."),
+        metadata=_doc(
+            "Largest UDP datagram sent or accepted, in bytes (1200 to 65507); path MTU discovery probes up to it."
+        ),
     )
     recv_buffer: int = field(
         default=4 * 1024 * 1024, metadata=_doc("UDP socket receive buffer (SO_RCVBUF) in bytes.")
+    )
+    congestion_control: str = field(
+        default="bbr",
+        metadata=_doc(
+            "Congestion controller: bbr (model-based, tolerant of random loss) or reno (loss-based)."
+        ),
+    )
+    stream_window: int = field(
+        default=4 * 1024 * 1024,
+        metadata=_doc("Bytes a peer may send on one stream ahead of what we have read."),
+    )
+    connection_window: int = field(
+        default=16 * 1024 * 1024,
+        metadata=_doc("Bytes a peer may send on all streams ahead of what we have read."),
+    )
+    send_buffer: int = field(
+        default=4 * 1024 * 1024,
+        metadata=_doc("Unacknowledged bytes buffered per stream before writers wait."),
+    )
+    max_streams: int = field(
+        default=1024, metadata=_doc("Streams open at once per peer, in each direction.")
+    )
+    failure_threshold: float = field(
+        default=8.0,
+        metadata=_doc(
+            "Phi-accrual suspicion level at which a silent peer is reported suspect (higher = slower)."
+        ),
     )
 
     def __post_init__(self) -> None:
@@ -464,6 +496,23 @@ def _problems(v: Mapping[str, Any]) -> Iterator[tuple[tuple[str, ...], str]]:
     yield from positive("handshake_rate", "initiations per second")
     yield from int_range("max_datagram", MIN_DATAGRAM, MAX_DATAGRAM)
     yield from int_range("recv_buffer", MIN_RECV_BUFFER, MAX_RECV_BUFFER)
+    if v["congestion_control"] not in CONGESTION_CONTROLLERS:
+        yield (
+            ("congestion_control",),
+            f"congestion_control must be one of {', '.join(CONGESTION_CONTROLLERS)}; "
+            f"got {v['congestion_control'][:40]!r}",
+        )
+    yield from int_range("stream_window", MIN_WINDOW, MAX_WINDOW)
+    yield from int_range("connection_window", MIN_WINDOW, MAX_WINDOW)
+    if v["connection_window"] < v["stream_window"]:
+        yield (
+            ("connection_window", "stream_window"),
+            f"connection_window ({v['connection_window']}) must be at least "
+            f"stream_window ({v['stream_window']})",
+        )
+    yield from int_range("send_buffer", MIN_WINDOW, MAX_WINDOW)
+    yield from int_range("max_streams", 1, 65536)
+    yield from positive("failure_threshold", "phi")
 
 
 # --- loading ---------------------------------------------------------------------------------

@@ -29,6 +29,7 @@ from cellmesh.wire.messages import (
     ECHO_LEN,
     ED25519_PUB_LEN,
     MAX_HANDSHAKE_EXT,
+    MAX_REASON,
     U64_MAX,
     AppData,
     Close,
@@ -200,6 +201,17 @@ def test_header_round_trip(f: tuple[FrameHeader, bytes]) -> None:
 @given(messages)
 def test_message_round_trip(m: Message) -> None:
     assert pull_messages(push_message(m)) == [m]
+
+
+@PROPS
+@given(u16, st.text(max_size=300))
+def test_close_reason_is_cut_on_a_character_boundary(code: int, reason: str) -> None:
+    # Any reason encodes to a decodable CLOSE: the longest prefix of whole characters that fits
+    # in MAX_REASON bytes of UTF-8.
+    kept = reason
+    while len(kept.encode("utf-8")) > MAX_REASON:
+        kept = kept[:-1]
+    assert pull_messages(push_message(Close(code, reason))) == [Close(code, kept)]
 
 
 @PROPS

@@ -41,6 +41,12 @@ EXPECTED_DEFAULTS: dict[str, object] = {
     "handshake_rate": 1000.0,
     "max_datagram": 65507,
     "recv_buffer": 4 * 1024 * 1024,
+    "congestion_control": "bbr",
+    "stream_window": 4 * 1024 * 1024,
+    "connection_window": 16 * 1024 * 1024,
+    "send_buffer": 4 * 1024 * 1024,
+    "max_streams": 1024,
+    "failure_threshold": 8.0,
 }
 
 
@@ -271,8 +277,16 @@ def test_type_errors(text: str, message: str) -> None:
         ({"max_sessions": 0}, "max_sessions must be at least 1, got 0"),
         ({"max_pending_handshakes": 0}, "max_pending_handshakes must be at least 1, got 0"),
         ({"handshake_rate": 0.0}, "handshake_rate must be a positive number of initiations per second"),
-        ({"max_datagram": 65508}, "max_datagram must be between 1280 and 65507, got 65508"),
+        ({"max_datagram": 65508}, "max_datagram must be between 1200 and 65507, got 65508"),
         ({"recv_buffer": 10}, "recv_buffer must be between 4096 and"),
+        ({"congestion_control": "cubic"}, "congestion_control must be one of bbr, reno"),
+        ({"stream_window": 10}, "stream_window must be between 65536 and"),
+        (
+            {"connection_window": 1 << 19, "stream_window": 1 << 20},
+            "connection_window (524288) must be at least stream_window (1048576)",
+        ),
+        ({"max_streams": 0}, "max_streams must be between 1 and 65536"),
+        ({"failure_threshold": 0.0}, "failure_threshold must be a positive number"),
     ],
 )  # fmt: skip
 def test_validation(changes: dict[str, Any], message: str) -> None:

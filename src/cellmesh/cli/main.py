@@ -19,6 +19,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from cellmesh.cli.chaos_cmd import chaos_relay
 from cellmesh.cli.config_options import config_options, overrides_from
 from cellmesh.errors import CellmeshError, PeerUnreachableError
 from cellmesh.identity.cellid import format_cell_id, parse_cell_id
@@ -342,6 +343,9 @@ def demo_cmd(nodes: int, pings: int) -> None:
         fail("--pings must be between 1 and 1000")
     ok = run(lambda: run_demo(out, nodes, pings))
     sys.exit(0 if ok else EXIT_ERROR)
+
+
+cli.add_command(chaos_relay)
 
 
 def main() -> None:

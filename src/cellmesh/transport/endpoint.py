@@ -25,6 +25,7 @@ old session keeps decrypting in-flight packets until it falls silent. A session 
 from __future__ import annotations
 
 import hashlib
+import heapq
 import os
 import random
 from collections import Counter, OrderedDict, deque
@@ -38,25 +39,35 @@ from cellmesh.errors import (
     DecodeError,
     LocalProtocolError,
     MalformedError,
+    NonceExhaustedError,
     OversizeError,
     PeerUnreachableError,
+    RemoteProtocolError,
     ReplayError,
     TruncatedError,
     VersionError,
 )
 from cellmesh.filter.buckets import KeyedBuckets, TokenBucket
 from cellmesh.identity.keys import Identity
+from cellmesh.transport.connection import Connection, ConnectionStats, TransportParams
 from cellmesh.transport.cookies import CookieJar
 from cellmesh.transport.events import (
     DatagramReceived,
     EndpointStats,
     Event,
     HandshakeFailed,
+    MessageReceived,
     PeerConnected,
     PeerDisconnected,
     PeerInfo,
+    PeerStateChanged,
     PingReply,
+    StreamData,
+    StreamOpened,
+    StreamReset,
+    StreamWritable,
 )
+from cellmesh.transport.failure import PhiAccrual
 from cellmesh.transport.handshake import (
     InitiatorHandshake,
     PeerIdentity,
@@ -90,6 +101,7 @@ from cellmesh.wire.messages import (
     pull_messages,
     push_cookie_reply,
     push_init_body,
+    push_message,
     push_messages,
 )
 
@@ -103,6 +115,8 @@ PING_MEMORY = 60.0
 STALE_SESSION_GRACE = 15.0
 RESPONDER_REKEY_DELAY = 10.0
 MAX_KNOWN_PEERS = 65536
+# Packets one flush may emit before yielding to the driver (the rest follow on an immediate timer).
+MAX_BURST = 64
 STATIC_CHECK_INTERVAL = 5.0
 STATIC_MAX_BACKOFF = 30.0
 # The largest plaintext one DATA frame may carry.
@@ -165,6 +179,9 @@ class _Peer:
     finish_attempts: int = 0
     finish_started: float = 0.0
     connected: bool = False
+    conn: Connection | None = None
+    detector: PhiAccrual | None = None
+    suspect: bool = False
 
 
 @dataclass(slots=True)
@@ -207,12 +224,22 @@ class Endpoint:
         self._init_by_echo: dict[bytes, int] = {}
         self._initiating: dict[bytes, int] = {}  # CellID or addr key -> initiation index
         self._half_open: OrderedDict[int, _HalfOpen] = OrderedDict()
-        self._answered: OrderedDict[bytes, tuple[bytes, float]] = OrderedDict()
+        self._answered: OrderedDict[bytes, tuple[bytes, float, Addr]] = OrderedDict()
         self._queued: dict[bytes, deque[Message]] = {}
         self._pings: OrderedDict[int, tuple[bytes, float]] = OrderedDict()
         self._out: list[tuple[bytes, Addr]] = []
         self._events: deque[Event] = deque()
         self._static: dict[Addr, _StaticPeer] = {}
+        self._params = TransportParams(
+            max_datagram=config.max_datagram,
+            stream_window=config.stream_window,
+            connection_window=config.connection_window,
+            send_buffer=config.send_buffer,
+            max_streams=config.max_streams,
+            congestion_control=config.congestion_control,
+        )
+        self._timer_heap: list[tuple[float, bytes]] = []
+        self._conn_timer: dict[bytes, float] = {}
         self._next_housekeeping = now + HOUSEKEEPING_INTERVAL
         self.drops: Counter[str] = Counter()
         self._datagrams_in = 0
@@ -266,6 +293,11 @@ class Endpoint:
     def get_timer(self) -> float | None:
         """When `handle_timer` must next be called (absolute time)."""
         t = self._next_housekeeping
+        heap = self._timer_heap
+        while heap and self._conn_timer.get(heap[0][1]) != heap[0][0]:
+            heapq.heappop(heap)  # stale entry
+        if heap:
+            t = min(t, heap[0][0])
         for ini in self._initiations.values():
             t = min(t, ini.next_send)
         for p in self._peers.values():
@@ -277,6 +309,20 @@ class Endpoint:
         """Retransmit, rekey, keep alive and expire whatever is due at `now`."""
         self._retransmit_initiations(now)
         self._retransmit_finishes(now)
+        heap = self._timer_heap
+        due: list[bytes] = []
+        while heap and heap[0][0] <= now:
+            t, cell = heapq.heappop(heap)
+            if self._conn_timer.get(cell) == t:
+                del self._conn_timer[cell]
+                due.append(cell)
+        # Only what was due on entry: a flush may re-arm a timer at `now` (a burst cut short), and
+        # that runs on the next call, so one call always returns.
+        for cell in due:
+            p = self._peers.get(cell)
+            if p is not None and p.conn is not None:
+                p.conn.handle_timer(now)
+                self._flush(p, now)
         if now >= self._next_housekeeping:
             self._housekeeping(now)
             self._next_housekeeping = now + HOUSEKEEPING_INTERVAL
@@ -435,14 +481,127 @@ class Endpoint:
         self.connect(addr, now, cell_id)
 
     def _seal_to(self, s: Session, msgs: list[Message], now: float) -> None:
+        """Send unreliable records to the peer of `s` (through its connection when `s` is current)."""
         for m in msgs:
             if isinstance(m, Ping):
                 self._pings[m.ping_id] = (s.peer.cell_id, now)
                 if len(self._pings) > MAX_PENDING_PINGS:
                     self._pings.popitem(last=False)
+        p = self._peers.get(s.peer.cell_id)
+        conn = p.conn if p is not None else None
+        if p is not None and conn is not None and p.current is s:
+            for m in msgs:
+                conn.queue_control(push_message(m))
+            self._flush(p, now)
+            return
+        # A session that is not (yet) current: seal directly, outside the connection's bookkeeping.
+        pn = s.send_counter
         self._out.append((s.seal(push_messages(msgs), now), s.addr))
-        if s.send_counter >= self.config.rekey_after_packets:
+        if conn is not None:
+            conn.note_untracked(pn)
+
+    def _flush(self, p: _Peer, now: float) -> None:
+        """Send whatever the peer's connection has ready, then re-arm its timer."""
+        s = p.current
+        conn = p.conn
+        if s is None or conn is None:
+            return
+        sent = 0
+        while sent < MAX_BURST and conn.wants_to_send(now):
+            plaintext = conn.build_packet(s.send_counter, now)
+            if plaintext is None:
+                break
+            self._out.append((s.seal(plaintext, now), s.addr))
+            sent += 1
+        if s.packets_under_key >= self.config.rekey_after_packets:
             self._start_rekey(s, now)
+        t = now if sent >= MAX_BURST else conn.get_timer(now)
+        cell = p.cell_id
+        if t is None:
+            self._conn_timer.pop(cell, None)
+        elif self._conn_timer.get(cell) != t:
+            self._conn_timer[cell] = t
+            heapq.heappush(self._timer_heap, (t, cell))
+
+    def _conn_events(self, p: _Peer) -> None:
+        conn = p.conn
+        if conn is None:
+            return
+        cell = p.cell_id
+        ev = self._events
+        while conn.events:
+            e = conn.events.popleft()
+            kind = e[0]
+            if kind == "data":
+                ev.append(StreamData(cell, e[1], e[2], e[3]))
+            elif kind == "message":
+                ev.append(MessageReceived(cell, e[1]))
+            elif kind == "opened":
+                ev.append(StreamOpened(cell, e[1]))
+            elif kind == "reset":
+                ev.append(StreamReset(cell, e[1], e[2], e[3]))
+            elif kind == "writable":
+                ev.append(StreamWritable(cell, e[1]))
+
+    # ----------------------------------------------------------------- streams and messages
+
+    def _conn(self, cell_id: bytes) -> tuple[_Peer, Connection]:
+        p = self._peers.get(cell_id)
+        if p is None or p.conn is None or p.current is None:
+            raise PeerUnreachableError(f"not connected to {cell_id.hex()}")
+        return p, p.conn
+
+    def open_stream(self, cell_id: bytes) -> int:
+        """Open a reliable, ordered, bidirectional stream to a connected peer."""
+        return self._conn(cell_id)[1].open_stream()
+
+    def stream_send_space(self, cell_id: bytes, stream_id: int) -> int:
+        """How many bytes `stream_write` may take now without exceeding the send buffer."""
+        return self._conn(cell_id)[1].send_space(stream_id)
+
+    def stream_write(
+        self, cell_id: bytes, stream_id: int, data: bytes, now: float, fin: bool = False
+    ) -> None:
+        """Append bytes to a stream (and end it when `fin`)."""
+        p, conn = self._conn(cell_id)
+        conn.write(stream_id, data, fin)
+        self._flush(p, now)
+
+    def stream_reset(self, cell_id: bytes, stream_id: int, code: int, now: float) -> None:
+        """Abort our sending half of a stream."""
+        p, conn = self._conn(cell_id)
+        conn.reset_stream(stream_id, code)
+        self._flush(p, now)
+
+    def stream_stop(self, cell_id: bytes, stream_id: int, code: int, now: float) -> None:
+        """Stop reading a stream; the peer is asked to reset its half."""
+        p, conn = self._conn(cell_id)
+        conn.stop_sending(stream_id, code)
+        self._flush(p, now)
+
+    def stream_consumed(self, cell_id: bytes, stream_id: int, n: int, now: float) -> None:
+        """The application read `n` bytes of a stream (reopens flow-control windows)."""
+        p = self._peers.get(cell_id)
+        if p is None or p.conn is None:
+            return
+        p.conn.consumed(stream_id, n)
+        self._flush(p, now)
+
+    def send_message(self, cell_id: bytes, data: bytes, now: float) -> None:
+        """Send one reliable (retransmitted until acknowledged), unordered message."""
+        p, conn = self._conn(cell_id)
+        conn.send_message(data)
+        self._flush(p, now)
+
+    def connection_stats(self, cell_id: bytes) -> ConnectionStats | None:
+        """Reliability counters of the connection with `cell_id`."""
+        p = self._peers.get(cell_id)
+        return p.conn.stats if p is not None and p.conn is not None else None
+
+    def connection(self, cell_id: bytes) -> Connection | None:
+        """The connection object (for tests and diagnostics)."""
+        p = self._peers.get(cell_id)
+        return p.conn if p is not None else None
 
     def _flush_queue(self, p: _Peer, now: float) -> None:
         q = self._queued.pop(p.cell_id, None)
@@ -469,7 +628,9 @@ class Endpoint:
         highest_before = s.replay.highest
         try:
             plaintext = s.open(h.packet_number, associated_data(data), data[HEADER_LEN:], now)
-        except ReplayError:
+        except (ReplayError, NonceExhaustedError):
+            # NonceExhausted: a packet number at the very end of the space, which no honest peer
+            # sends (it rekeys long before); an attacker who copied a header could.
             self.drops["replay"] += 1
             return
         except AuthenticationError:
@@ -494,13 +655,21 @@ class Endpoint:
             self._flush_queue(p, now)
         if p.finish_frame is not None and s is p.current:
             p.finish_frame = None
+        if p.detector is not None:
+            p.detector.heartbeat(now)
+            if p.suspect:
+                p.suspect = False
+                self._events.append(PeerStateChanged(p.cell_id, "alive", 0.0))
         try:
             msgs = pull_messages(plaintext)
-        except DecodeError:
+            if p.conn is not None:
+                msgs = p.conn.on_packet(h.packet_number, msgs, now)
+        except (DecodeError, RemoteProtocolError) as exc:
             self.drops["protocol_violation"] += 1
-            self._seal_to(s, [Close(CloseCode.PROTOCOL_ERROR, "undecodable records")], now)
-            self._drop_peer(p, "protocol violation")
+            self._seal_to(s, [Close(CloseCode.PROTOCOL_ERROR, str(exc)[:200])], now)
+            self._drop_peer(p, f"protocol violation: {exc}")
             return
+        self._conn_events(p)
         replies: list[Message] = []
         for m in msgs:
             if isinstance(m, Ping):
@@ -518,6 +687,8 @@ class Endpoint:
                 return
         if replies:
             self._seal_to(s, replies, now)
+        else:
+            self._flush(p, now)
 
     # ----------------------------------------------------------------- receive: handshakes
 
@@ -536,8 +707,11 @@ class Endpoint:
         digest = _digest(body.noise)
         cached = self._answered.get(digest)
         if cached is not None:
-            # A retransmitted INIT whose answer was lost: answer again, do no new work.
-            if self._reply_budget.take(now):
+            # A retransmitted INIT whose answer was lost: answer again, do no new work. Only to the
+            # address that sent the original, so a copied INIT cannot reflect answers at a victim.
+            if cached[2] != addr:
+                self.drops["unexpected_handshake"] += 1
+            elif self._reply_budget.take(now):
                 self._out.append((cached[0], addr))
             else:
                 self.drops["rate_limited"] += 1
@@ -565,7 +739,7 @@ class Endpoint:
             )
             + res.response
         )
-        self._remember_answer(digest, frame, now)
+        self._remember_answer(digest, frame, addr, now)
         self._out.append((frame, addr))
         if res.peer is not None and res.keys is not None:
             # IK: the initiator is authenticated and keys exist; the session becomes current once
@@ -611,8 +785,8 @@ class Endpoint:
         self.drops["cookie_required"] += 1
         return False
 
-    def _remember_answer(self, digest: bytes, frame: bytes, now: float) -> None:
-        self._answered[digest] = (frame, now)
+    def _remember_answer(self, digest: bytes, frame: bytes, addr: Addr, now: float) -> None:
+        self._answered[digest] = (frame, now, addr)
         while len(self._answered) > self.config.max_pending_handshakes:
             self._answered.popitem(last=False)
 
@@ -773,19 +947,28 @@ class Endpoint:
         if p is None or p.public_key != peer.public_key:
             p = _Peer(peer.cell_id, peer.public_key, peer.noise_static, addr, now)
             self._peers[peer.cell_id] = p
-        p.noise_static = peer.noise_static
-        p.addr = addr
+        if p.sessions:
+            # One packet-number space per direction across rekeys (acknowledgements stay unambiguous).
+            s.send_counter = s.start_counter = max(x.send_counter for x in p.sessions)
         p.sessions.append(s)
-        self._known[peer.cell_id] = (peer.noise_static, addr)
-        self._known.move_to_end(peer.cell_id)
-        while len(self._known) > MAX_KNOWN_PEERS:
-            self._known.popitem(last=False)
         self._handshakes_completed += 1
         return s
 
     def _promote(self, p: _Peer, s: Session, now: float, rekey: bool) -> None:
         had = p.current is not None or p.connected
         p.current = s
+        # Only a confirmed (promoted) session may move where we send: a replayed IK message 1
+        # creates an unconfirmed session and must not redirect the peer's address.
+        p.addr = s.addr
+        p.noise_static = s.peer.noise_static
+        self._known[p.cell_id] = (p.noise_static, s.addr)
+        self._known.move_to_end(p.cell_id)
+        while len(self._known) > MAX_KNOWN_PEERS:
+            self._known.popitem(last=False)
+        if p.conn is None:
+            # The lower CellID opens even-numbered streams: symmetric, so simultaneous opens agree.
+            p.conn = Connection(self._params, self.cell_id < p.cell_id, now)
+            p.detector = PhiAccrual(now, self.config.keepalive_interval)
         p.connected = True
         st = self._static.get(s.addr)
         if st is not None and st.cell_id is None:
@@ -822,6 +1005,8 @@ class Endpoint:
         p.current = None
         self._peers.pop(p.cell_id, None)
         self._queued.pop(p.cell_id, None)
+        self._conn_timer.pop(p.cell_id, None)
+        p.conn = None
         if p.connected:
             self._events.append(PeerDisconnected(p.cell_id, reason))
 
@@ -923,9 +1108,15 @@ class Endpoint:
                 self._by_index.pop(s.local_index, None)
                 continue
             if p.current is s:
-                if now - s.last_recv >= cfg.idle_timeout:
+                last = p.detector.last_heartbeat if p.detector is not None else s.last_recv
+                if now - max(last, s.last_recv) >= cfg.idle_timeout:
                     self._drop_peer(p, "peer silent (idle timeout)")
                     continue
+                if p.detector is not None and not p.suspect:
+                    phi = p.detector.phi(now)
+                    if phi >= cfg.failure_threshold:
+                        p.suspect = True
+                        self._events.append(PeerStateChanged(p.cell_id, "suspect", phi))
                 rekey_at = cfg.rekey_after_seconds + (
                     0 if s.is_initiator else RESPONDER_REKEY_DELAY
                 )
@@ -941,7 +1132,7 @@ class Endpoint:
             if now - half.created >= cfg.handshake_timeout:
                 del self._half_open[idx]
         while self._answered:
-            digest, (_, t) = next(iter(self._answered.items()))
+            digest, (_, t, _a) = next(iter(self._answered.items()))
             if now - t < cfg.handshake_timeout:
                 break
             del self._answered[digest]

@@ -49,7 +49,72 @@ class DatagramReceived:
     data: bytes
 
 
-Event = PeerConnected | PeerDisconnected | HandshakeFailed | PingReply | DatagramReceived
+@dataclass(frozen=True, slots=True)
+class StreamOpened:
+    """The peer opened stream `stream_id`."""
+
+    cell_id: bytes
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class StreamData:
+    """In-order bytes of a stream; `fin` is True on the last delivery of the stream."""
+
+    cell_id: bytes
+    stream_id: int
+    data: bytes
+    fin: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StreamReset:
+    """The stream ended abnormally: the peer reset it (`by_peer`) or asked us to stop sending."""
+
+    cell_id: bytes
+    stream_id: int
+    code: int
+    by_peer: bool
+
+
+@dataclass(frozen=True, slots=True)
+class StreamWritable:
+    """A stream whose send buffer was full has room again."""
+
+    cell_id: bytes
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
+class MessageReceived:
+    """A reliable message arrived (each delivered exactly once, in no particular order)."""
+
+    cell_id: bytes
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PeerStateChanged:
+    """The failure detector moved the peer between alive and suspect."""
+
+    cell_id: bytes
+    state: str
+    phi: float
+
+
+Event = (
+    PeerConnected
+    | PeerDisconnected
+    | HandshakeFailed
+    | PingReply
+    | DatagramReceived
+    | StreamOpened
+    | StreamData
+    | StreamReset
+    | StreamWritable
+    | MessageReceived
+    | PeerStateChanged
+)
 
 
 @dataclass(frozen=True, slots=True)

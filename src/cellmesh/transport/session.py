@@ -55,6 +55,7 @@ class Session:
         "replay",
         "send",
         "send_counter",
+        "start_counter",
     )
 
     def __init__(
@@ -80,6 +81,7 @@ class Session:
         self.handshake_hash = keys.handshake_hash
         self.replay = ReplayWindow(replay_window)
         self.send_counter = 0
+        self.start_counter = 0  # where this key's packet numbers began (rekeys continue the space)
         self.addr = addr
         self.is_initiator = is_initiator
         self.created = now
@@ -90,6 +92,11 @@ class Session:
         self.confirmed = confirmed
         self.counters = SessionCounters()
         self.finish_digest = b""
+
+    @property
+    def packets_under_key(self) -> int:
+        """Packets sealed with this session's key (what rekey-after-packets counts)."""
+        return self.send_counter - self.start_counter
 
     def seal(self, plaintext: bytes, now: float) -> bytes:
         """Build a complete DATA datagram carrying `plaintext`."""

@@ -30,6 +30,13 @@ class MsgType(IntEnum):
     CLOSE = 3
     KEEPALIVE = 4
     APP = 5
+    ACK = 6
+    STREAM = 7
+    RESET_STREAM = 8
+    MAX_DATA = 9
+    MAX_STREAM_DATA = 10
+    MSG = 11
+    STOP_SENDING = 12
 
 
 class HandshakePattern(IntEnum):
@@ -85,11 +92,102 @@ class AppData:
     data: bytes
 
 
-Message = Ping | Pong | Close | Keepalive | AppData
+@dataclass(frozen=True, slots=True)
+class Ack:
+    """Packet numbers received, as half-open ranges [start, end), highest first.
+
+    `delay_us` is how long the receiver held the acknowledgement (RFC 9002 ack delay).
+    """
+
+    ranges: tuple[tuple[int, int], ...]
+    delay_us: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class StreamFrame:
+    """Bytes of stream `stream_id` at `offset`; `fin` marks the last byte of the stream."""
+
+    stream_id: int
+    offset: int
+    data: bytes
+    fin: bool = False
+
+
+@dataclass(frozen=True, slots=True)
+class ResetStream:
+    """The sender abandons stream `stream_id`; `final_size` is how much it had sent."""
+
+    stream_id: int
+    code: int
+    final_size: int
+
+
+@dataclass(frozen=True, slots=True)
+class StopSending:
+    """The receiver no longer wants stream `stream_id`; the sender should reset it."""
+
+    stream_id: int
+    code: int
+
+
+@dataclass(frozen=True, slots=True)
+class MaxData:
+    """Connection-level flow control: the peer may send up to `maximum` stream bytes in total."""
+
+    maximum: int
+
+
+@dataclass(frozen=True, slots=True)
+class MaxStreamData:
+    """Stream-level flow control: the peer may send stream bytes below offset `maximum`."""
+
+    stream_id: int
+    maximum: int
+
+
+@dataclass(frozen=True, slots=True)
+class Msg:
+    """A reliable, unordered application message; `msg_id` lets the receiver drop duplicates."""
+
+    msg_id: int
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Padding:
+    """Filler (path MTU probes); carries nothing."""
+
+    length: int
+
+
+Message = (
+    Ping
+    | Pong
+    | Close
+    | Keepalive
+    | AppData
+    | Ack
+    | StreamFrame
+    | ResetStream
+    | StopSending
+    | MaxData
+    | MaxStreamData
+    | Msg
+    | Padding
+)
+MAX_ACK_RANGES = 64
+U32_MAX = 2**32 - 1
 
 _REC = struct.Struct("!BH")
 _U64 = struct.Struct("!Q")
 _U16 = struct.Struct("!H")
+_ACK_HEAD = struct.Struct("!IB")
+_ACK_RANGE = struct.Struct("!QI")
+_STREAM_HEAD = struct.Struct("!IQB")
+_RESET = struct.Struct("!IHQ")
+_STOP = struct.Struct("!IH")
+_MAX_STREAM = struct.Struct("!IQ")
+_FIN = 0x01
 MAX_RECORD_BODY = 0xFFFF
 
 
@@ -111,7 +209,28 @@ def push_message(m: Message) -> bytes:
         return _record(MsgType.CLOSE, _U16.pack(m.code) + reason)
     if isinstance(m, Keepalive):
         return _record(MsgType.KEEPALIVE, b"")
-    return _record(MsgType.APP, m.data)
+    if isinstance(m, AppData):
+        return _record(MsgType.APP, m.data)
+    if isinstance(m, StreamFrame):
+        head = _STREAM_HEAD.pack(m.stream_id, m.offset, _FIN if m.fin else 0)
+        return _record(MsgType.STREAM, head + m.data)
+    if isinstance(m, Ack):
+        if not 1 <= len(m.ranges) <= MAX_ACK_RANGES:
+            raise MalformedError(f"ACK needs 1 to {MAX_ACK_RANGES} ranges")
+        parts = [_ACK_HEAD.pack(min(m.delay_us, U32_MAX), len(m.ranges))]
+        parts += [_ACK_RANGE.pack(a, b - a) for a, b in m.ranges]
+        return _record(MsgType.ACK, b"".join(parts))
+    if isinstance(m, ResetStream):
+        return _record(MsgType.RESET_STREAM, _RESET.pack(m.stream_id, m.code, m.final_size))
+    if isinstance(m, StopSending):
+        return _record(MsgType.STOP_SENDING, _STOP.pack(m.stream_id, m.code))
+    if isinstance(m, MaxData):
+        return _record(MsgType.MAX_DATA, _U64.pack(m.maximum))
+    if isinstance(m, MaxStreamData):
+        return _record(MsgType.MAX_STREAM_DATA, _MAX_STREAM.pack(m.stream_id, m.maximum))
+    if isinstance(m, Msg):
+        return _record(MsgType.MSG, _U64.pack(m.msg_id) + m.data)
+    return _record(MsgType.PADDING, bytes(m.length))
 
 
 def push_messages(msgs: list[Message]) -> bytes:
@@ -141,11 +260,67 @@ def _decode_one(t: int, body: bytes) -> Message | None:
         return Keepalive()
     if t == MsgType.APP:
         return AppData(body)
+    if t == MsgType.STREAM:
+        if len(body) < _STREAM_HEAD.size:
+            raise TruncatedError("STREAM header cut short")
+        sid, off, flags = _STREAM_HEAD.unpack_from(body, 0)
+        if flags & ~_FIN:
+            raise MalformedError("unknown STREAM flags")
+        data = body[_STREAM_HEAD.size :]
+        if off + len(data) > U64_MAX:
+            raise MalformedError("STREAM data beyond 2**64")
+        return StreamFrame(sid, off, data, bool(flags & _FIN))
+    if t == MsgType.ACK:
+        return _decode_ack(body)
+    if t == MsgType.RESET_STREAM:
+        if len(body) != _RESET.size:
+            raise MalformedError("RESET_STREAM must be 14 bytes")
+        return ResetStream(*_RESET.unpack(body))
+    if t == MsgType.STOP_SENDING:
+        if len(body) != _STOP.size:
+            raise MalformedError("STOP_SENDING must be 6 bytes")
+        return StopSending(*_STOP.unpack(body))
+    if t == MsgType.MAX_DATA:
+        if len(body) != 8:
+            raise MalformedError("MAX_DATA must be 8 bytes")
+        return MaxData(_U64.unpack(body)[0])
+    if t == MsgType.MAX_STREAM_DATA:
+        if len(body) != _MAX_STREAM.size:
+            raise MalformedError("MAX_STREAM_DATA must be 12 bytes")
+        return MaxStreamData(*_MAX_STREAM.unpack(body))
+    if t == MsgType.MSG:
+        if len(body) < 8:
+            raise TruncatedError("MSG shorter than its 8-byte id")
+        return Msg(_U64.unpack_from(body, 0)[0], body[8:])
     if t == MsgType.PADDING:
         return None
     if t >= 0x80:
         return None  # optional record from a newer version: skip
     raise MalformedError(f"unknown mandatory record type {t}")
+
+
+def _decode_ack(body: bytes) -> Ack:
+    if len(body) < _ACK_HEAD.size:
+        raise TruncatedError("ACK header cut short")
+    delay, count = _ACK_HEAD.unpack_from(body, 0)
+    if not 1 <= count <= MAX_ACK_RANGES:
+        raise MalformedError(f"ACK must carry 1 to {MAX_ACK_RANGES} ranges, not {count}")
+    if len(body) != _ACK_HEAD.size + count * _ACK_RANGE.size:
+        raise MalformedError("ACK length does not match its range count")
+    ranges: list[tuple[int, int]] = []
+    pos = _ACK_HEAD.size
+    floor = U64_MAX + 1
+    for _ in range(count):
+        first, length = _ACK_RANGE.unpack_from(body, pos)
+        pos += _ACK_RANGE.size
+        end = first + length
+        # Ranges must be non-empty, descending and disjoint, so a hostile ACK cannot make the
+        # receiver loop or double count.
+        if length == 0 or end >= floor:
+            raise MalformedError("ACK ranges must be non-empty, descending and disjoint")
+        ranges.append((first, end))
+        floor = first
+    return Ack(tuple(ranges), delay)
 
 
 def pull_messages(buf: bytes) -> list[Message]:
@@ -207,6 +382,8 @@ class CookieReply:
 
 def push_cookie_reply(c: CookieReply) -> bytes:
     """Encode a COOKIE_REPLY body."""
+    if len(c.cookie) != COOKIE_LEN or len(c.echo) != ECHO_LEN:
+        raise MalformedError("cookie and echo must be 16 bytes each")
     return c.cookie + c.echo
 
 

@@ -1,0 +1,228 @@
+"""Congestion control: a small interface, a BBR-like model-based controller and NewReno.
+
+Theory of operation. The connection asks the controller two things before sending: may another
+packet go out (`bytes_in_flight < cwnd`), and how fast (`pacing_rate`). It reports every packet
+sent, every packet acknowledged with a delivery-rate sample, and every congestion event (loss).
+
+`BbrLite` (the default) models the path instead of reacting to each loss: it estimates the bottleneck
+bandwidth (a windowed maximum of delivery-rate samples over the last 10 round trips) and the minimum
+RTT, paces at that bandwidth, and keeps about two bandwidth-delay products in flight. Random loss on a
+lossy radio link therefore does not halve the rate the way loss-based TCP does. Under real congestion
+the delivery rate falls, the bandwidth filter forgets its old maximum within ten rounds, and when a
+round loses more than `LOSS_THRESHOLD` of its packets the in-flight ceiling is cut, so it yields to
+competing flows. It is deliberately simpler than BBRv2 (no PROBE_RTT phase; the min-RTT filter expires
+after 10 s instead).
+
+`NewReno` (RFC 9002 section 7) is the classic loss-based controller, for comparison and for paths
+where a conservative sender is wanted.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Protocol
+
+from cellmesh.transport.rtt import RttEstimator
+
+INITIAL_WINDOW_PACKETS = 10
+MIN_WINDOW_PACKETS = 4
+LOSS_THRESHOLD = 0.15
+BW_WINDOW_ROUNDS = 10
+MIN_RTT_EXPIRY = 10.0
+STARTUP_GAIN = 2.885
+PROBE_GAINS = (1.25, 0.75, 1.0, 1.0, 1.0, 1.0, 1.0, 1.0)
+
+
+@dataclass(slots=True)
+class RateSample:
+    """A delivery-rate sample taken when a packet is acknowledged (draft-cheng-iccrg-delivery-rate)."""
+
+    delivery_rate: float  # bytes per second
+    delivered: int  # total bytes delivered at the time of the ack
+    prior_delivered: int  # total delivered when the acked packet was sent
+    app_limited: bool
+    rtt: float
+
+
+class CongestionController(Protocol):
+    """What the connection needs from a congestion controller."""
+
+    name: str
+    cwnd: int
+    mss: int
+
+    def pacing_rate(self, rtt: RttEstimator) -> float:
+        """Bytes per second the sender should pace at."""
+
+    def on_sent(self, size: int, now: float) -> None:
+        """A packet of `size` bytes left."""
+
+    def on_acked(
+        self, size: int, sent_time: float, sample: RateSample | None, now: float, in_flight: int
+    ) -> None:
+        """A packet of `size` bytes sent at `sent_time` was acknowledged; `in_flight` remain."""
+
+    def on_lost(self, size: int, sent_time: float, now: float) -> None:
+        """A packet was declared lost."""
+
+
+class NewReno:
+    """RFC 9002 NewReno: slow start, additive increase, halve on a congestion event."""
+
+    name = "reno"
+
+    def __init__(self, mss: int) -> None:
+        self.mss = mss
+        self.cwnd = INITIAL_WINDOW_PACKETS * mss
+        self.ssthresh = float("inf")
+        self._recovery_start = -1.0
+        self._acked_in_ca = 0
+
+    def pacing_rate(self, rtt: RttEstimator) -> float:
+        return 1.25 * self.cwnd / max(rtt.smoothed, 1e-4)
+
+    def on_sent(self, size: int, now: float) -> None:
+        return
+
+    def on_acked(
+        self, size: int, sent_time: float, sample: RateSample | None, now: float, in_flight: int
+    ) -> None:
+        if sent_time <= self._recovery_start:
+            return
+        if self.cwnd < self.ssthresh:
+            self.cwnd += size
+        else:
+            self._acked_in_ca += size
+            if self._acked_in_ca >= self.cwnd:
+                self._acked_in_ca -= self.cwnd
+                self.cwnd += self.mss
+
+    def on_lost(self, size: int, sent_time: float, now: float) -> None:
+        if sent_time <= self._recovery_start:
+            return  # one reduction per congestion event
+        self._recovery_start = now
+        self.cwnd = max(self.cwnd // 2, MIN_WINDOW_PACKETS * self.mss)
+        self.ssthresh = self.cwnd
+
+
+class BbrLite:
+    """A model-based controller in the spirit of BBR. See the module docstring."""
+
+    name = "bbr"
+
+    def __init__(self, mss: int) -> None:
+        self.mss = mss
+        self.cwnd = INITIAL_WINDOW_PACKETS * mss
+        self.state = "startup"
+        self._bw_samples: list[tuple[int, float]] = []  # (round, rate)
+        self.btl_bw = 0.0
+        self.min_rtt = float("inf")
+        self._min_rtt_stamp = 0.0
+        self.round = 0
+        self._next_round_delivered = 0
+        self._full_bw = 0.0
+        self._full_bw_rounds = 0
+        self._cycle_index = 0
+        self._cycle_stamp = 0.0
+        self._round_lost = 0
+        self._round_acked = 0
+        self.inflight_hi = float("inf")
+        self._delivered = 0
+
+    # --- model
+
+    def _bdp(self) -> float:
+        if self.btl_bw <= 0 or self.min_rtt == float("inf"):
+            return float(INITIAL_WINDOW_PACKETS * self.mss)
+        return self.btl_bw * self.min_rtt
+
+    def _gains(self) -> tuple[float, float]:
+        if self.state == "startup":
+            return STARTUP_GAIN, STARTUP_GAIN
+        if self.state == "drain":
+            return 1 / STARTUP_GAIN, STARTUP_GAIN
+        return PROBE_GAINS[self._cycle_index], 2.0
+
+    def pacing_rate(self, rtt: RttEstimator) -> float:
+        gain, _ = self._gains()
+        if self.btl_bw <= 0:
+            return gain * self.cwnd / max(rtt.smoothed, 1e-4)
+        return gain * self.btl_bw
+
+    def on_sent(self, size: int, now: float) -> None:
+        return
+
+    def on_acked(
+        self, size: int, sent_time: float, sample: RateSample | None, now: float, in_flight: int
+    ) -> None:
+        self._delivered += size
+        self._round_acked += 1
+        if sample is None:
+            return
+        if sample.prior_delivered >= self._next_round_delivered:
+            self._end_round(sample.delivered)
+        if sample.rtt > 0 and (
+            sample.rtt <= self.min_rtt or now - self._min_rtt_stamp > MIN_RTT_EXPIRY
+        ):
+            self.min_rtt = sample.rtt
+            self._min_rtt_stamp = now
+        if not sample.app_limited or sample.delivery_rate > self.btl_bw:
+            self._bw_samples.append((self.round, sample.delivery_rate))
+        # Windowed max over the last BW_WINDOW_ROUNDS rounds.
+        floor = self.round - BW_WINDOW_ROUNDS
+        if self._bw_samples and self._bw_samples[0][0] <= floor:
+            self._bw_samples = [x for x in self._bw_samples if x[0] > floor]
+        self.btl_bw = max((r for _, r in self._bw_samples), default=0.0)
+        self._advance_state(now, in_flight)
+        _, cwnd_gain = self._gains()
+        target = max(cwnd_gain * self._bdp(), MIN_WINDOW_PACKETS * self.mss)
+        self.cwnd = int(min(target, self.inflight_hi))
+        self.cwnd = max(self.cwnd, MIN_WINDOW_PACKETS * self.mss)
+
+    def _end_round(self, delivered: int) -> None:
+        self.round += 1
+        self._next_round_delivered = delivered
+        total = self._round_lost + self._round_acked
+        if total >= 8 and self._round_lost / total > LOSS_THRESHOLD:
+            # Real congestion: cap what we keep in flight, and leave startup.
+            self.inflight_hi = max(0.7 * self.cwnd, MIN_WINDOW_PACKETS * self.mss)
+            if self.state == "startup":
+                self.state = "drain"
+        elif self.inflight_hi != float("inf"):
+            self.inflight_hi += self.mss  # probe back up slowly once losses subside
+        self._round_lost = 0
+        self._round_acked = 0
+        if self.state == "startup":
+            if self.btl_bw >= self._full_bw * 1.25:
+                self._full_bw = self.btl_bw
+                self._full_bw_rounds = 0
+            else:
+                self._full_bw_rounds += 1
+                if self._full_bw_rounds >= 3:
+                    self.state = "drain"
+
+    def _advance_state(self, now: float, in_flight: int) -> None:
+        if self.state == "drain" and in_flight <= self._bdp():
+            # The queue startup built is gone: cruise.
+            self.state = "probe_bw"
+            self._cycle_stamp = now
+            self._cycle_index = 2
+        elif (
+            self.state == "probe_bw"
+            and self.min_rtt != float("inf")
+            and now - self._cycle_stamp >= self.min_rtt
+        ):
+            self._cycle_stamp = now
+            self._cycle_index = (self._cycle_index + 1) % len(PROBE_GAINS)
+
+    def on_lost(self, size: int, sent_time: float, now: float) -> None:
+        self._round_lost += 1
+
+
+def make_controller(name: str, mss: int) -> CongestionController:
+    """The controller called `name` ("bbr" or "reno")."""
+    if name == "reno":
+        return NewReno(mss)
+    if name == "bbr":
+        return BbrLite(mss)
+    raise ValueError(f"unknown congestion controller {name!r} (use bbr or reno)")

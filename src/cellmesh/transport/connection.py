@@ -1,0 +1,795 @@
+"""The reliable connection with one peer: streams, messages, acknowledgements, loss recovery,
+congestion control, pacing and path MTU. Pure: time is passed in.
+
+Theory of operation. A connection outlives the sessions (keys) it runs over: a rekey swaps the
+session, the connection carries on. Packet numbers form one monotonically increasing space per
+direction across sessions, so acknowledgements are never ambiguous.
+
+Receiver side (NACK-driven): each received packet number is recorded. While packets arrive in order
+the receiver stays quiet, acknowledging only every `ACK_EVERY` ack-eliciting packets or after
+`MAX_ACK_DELAY`. A gap (or a late packet filling one) triggers an immediate acknowledgement whose
+ranges expose exactly what is missing: a negative acknowledgement, rate-limited to one per
+RTT/16.
+
+Sender side (RFC 9002): a packet is declared lost when three later packets were acknowledged or it is
+older than 9/8 RTT relative to an acknowledged later one; its frames (never its bytes) are queued again
+and leave in a new packet with a new number, so the replay window never sees a reused number. A probe
+timeout (tail-loss probe) fires when acknowledgements stop while data is outstanding, so a lost last
+packet, or a lost acknowledgement, cannot stall a transfer. The congestion controller (congestion.py)
+decides how much may be in flight and how fast to pace.
+
+Path MTU (RFC 8899 style): start at 1200 bytes, probe larger sizes with padded packets that are not
+counted against the congestion window, raise the size when a probe is acknowledged, stop after three
+losses at a size, and fall back to 1200 if full-size packets vanish (a black hole).
+"""
+
+from __future__ import annotations
+
+from collections import OrderedDict, deque
+from dataclasses import dataclass
+from typing import Any
+
+from cellmesh.errors import LocalProtocolError, RemoteProtocolError
+from cellmesh.transport.congestion import RateSample, make_controller
+from cellmesh.transport.ranges import RangeSet
+from cellmesh.transport.rtt import RttEstimator
+from cellmesh.transport.stream import RecvStream, SendStream
+from cellmesh.wire.messages import (
+    Ack,
+    Keepalive,
+    MaxData,
+    MaxStreamData,
+    Message,
+    Msg,
+    Padding,
+    ResetStream,
+    StopSending,
+    StreamFrame,
+    push_message,
+)
+
+HEADER_AND_TAG = 64 + 16
+BASE_MTU = 1200
+PMTU_CANDIDATES = (1452, 2048, 4096, 8192, 9000, 16384, 32768, 65507)
+PMTU_MAX_PROBES = 3
+PMTU_RAISE_INTERVAL = 600.0
+MAX_ACK_DELAY = 0.025
+ACK_EVERY = 4
+PACKET_THRESHOLD = 3
+MAX_PTO_BACKOFF = 6
+STREAM_LIMIT_ERROR = 5
+STREAM_STATE_ERROR = 6
+_STREAM_OVERHEAD = 3 + 13  # record header + STREAM head
+_MSG_OVERHEAD = 3 + 8
+_U64_LIMIT = 2**62
+
+
+@dataclass(frozen=True, slots=True)
+class TransportParams:
+    """Tunables of one connection (from NodeConfig)."""
+
+    max_datagram: int = 65507
+    stream_window: int = 4 * 1024 * 1024
+    connection_window: int = 16 * 1024 * 1024
+    send_buffer: int = 4 * 1024 * 1024
+    max_streams: int = 1024
+    congestion_control: str = "bbr"
+    max_message: int = 60000
+    max_pending_messages: int = 100_000
+
+
+@dataclass(slots=True)
+class SentPacket:
+    """What we remember about a packet until it is acknowledged or lost."""
+
+    pn: int
+    time: float
+    size: int
+    ack_eliciting: bool
+    in_flight: bool
+    frames: list[tuple[Any, ...]]
+    delivered: int
+    delivered_time: float
+    first_sent_time: float
+    app_limited: bool
+    probe_size: int = 0
+
+
+@dataclass(slots=True)
+class ConnectionStats:
+    """Counters of one connection."""
+
+    packets_sent: int = 0
+    packets_acked: int = 0
+    packets_lost: int = 0
+    bytes_retransmitted: int = 0
+    acks_sent: int = 0
+    immediate_acks: int = 0
+    pto_count_total: int = 0
+    stream_bytes_sent: int = 0
+    stream_bytes_received: int = 0
+    duplicate_messages: int = 0
+
+
+class Connection:
+    """Reliable delivery to one peer. See the module docstring."""
+
+    def __init__(self, params: TransportParams, local_even: bool, now: float) -> None:
+        self.params = params
+        self.rtt = RttEstimator()
+        self.mtu = min(BASE_MTU, params.max_datagram)
+        self.cc = make_controller(params.congestion_control, self.mtu)
+        self.stats = ConnectionStats()
+        self.events: deque[tuple[Any, ...]] = deque()
+        # streams
+        self._local_parity = 0 if local_even else 1
+        self._next_local = self._local_parity
+        self._next_peer = 1 - self._local_parity
+        self._send: dict[int, SendStream] = {}
+        self._recv: dict[int, RecvStream] = {}
+        self._rr: deque[int] = deque()  # streams with something to send, round robin
+        self._blocked: set[int] = set()
+        # connection flow control
+        self._peer_max_data = params.connection_window
+        self._sent_new = 0
+        self._local_max_data = params.connection_window
+        self._recv_total = 0
+        self._consumed_total = 0
+        self._max_data_pending = False
+        self._max_stream_pending: set[int] = set()
+        self._reset_pending: dict[int, int] = {}
+        self._stop_pending: dict[int, int] = {}
+        # messages
+        self._msgs: deque[Msg] = deque()
+        self._next_msg_id = 0
+        self._seen_msgs = RangeSet(limit=4096)
+        # unreliable control records, sent once
+        self._control: deque[bytes] = deque()
+        # sender recovery
+        self._sent: OrderedDict[int, SentPacket] = OrderedDict()
+        self.bytes_in_flight = 0
+        self._largest_acked = -1
+        self._loss_time: float | None = None
+        self._last_eliciting_sent = 0.0
+        self._pto_count = 0
+        self._probes_due = 0
+        self._delivered = 0
+        self._delivered_time = now
+        self._first_sent_time = now
+        self._next_send_time = now
+        # receiver acknowledgements
+        self._received = RangeSet(limit=1024)
+        self._largest_received = -1
+        self._largest_received_time = now
+        self._unacked_eliciting = 0
+        self._ack_deadline: float | None = None
+        self._ack_now = False
+        self._last_immediate_ack = -1.0
+        # path MTU
+        self._pmtu_index = 0
+        self._pmtu_failures = 0
+        self._pmtu_next_probe = now + 0.05
+        self._pmtu_in_flight = False
+        self._big_losses = 0
+        self._last_big_ack = now
+        self._largest_sent = -1
+
+    # ------------------------------------------------------------------ application API
+
+    def open_stream(self) -> int:
+        """Open a new outgoing stream; returns its id."""
+        if len(self._send) >= self.params.max_streams:
+            raise LocalProtocolError(f"at most {self.params.max_streams} open streams")
+        sid = self._next_local
+        self._next_local += 2
+        self._create(sid)
+        return sid
+
+    def _create(self, sid: int) -> None:
+        self._send[sid] = SendStream(sid, self.params.stream_window)
+        self._recv[sid] = RecvStream(sid, self.params.stream_window)
+
+    def write(self, sid: int, data: bytes, fin: bool = False) -> None:
+        """Queue bytes on a stream (call `send_space` first to respect the send buffer)."""
+        s = self._send.get(sid)
+        if s is None:
+            raise LocalProtocolError(f"stream {sid} is not open")
+        s.write(data, fin)
+        if sid not in self._rr:
+            self._rr.append(sid)
+
+    def send_space(self, sid: int) -> int:
+        """Bytes the application may still write to `sid` before the send buffer is full."""
+        s = self._send.get(sid)
+        if s is None:
+            return 0
+        space = self.params.send_buffer - s.buffered
+        if space <= 0:
+            self._blocked.add(sid)
+        return max(0, space)
+
+    def reset_stream(self, sid: int, code: int) -> None:
+        """Abandon sending on `sid` and tell the peer."""
+        s = self._send.get(sid)
+        if s is None or s.reset_code is not None:
+            return
+        s.reset_code = code
+        self._reset_pending[sid] = code
+        self._maybe_forget(sid)
+
+    def stop_sending(self, sid: int, code: int) -> None:
+        """We will not read `sid` any more: ask the peer to reset it."""
+        r = self._recv.get(sid)
+        if r is None or r.reset_code is not None:
+            return
+        r.reset_code = code
+        self._stop_pending[sid] = code
+
+    def consumed(self, sid: int, n: int) -> None:
+        """The application read `n` bytes of `sid`: reopen the windows."""
+        r = self._recv.get(sid)
+        if r is not None:
+            if r.on_consumed(n) is not None:
+                self._max_stream_pending.add(sid)
+            self._maybe_forget(sid)
+        self._consumed_total += n
+        if self._consumed_total + self.params.connection_window - self._local_max_data >= (
+            self.params.connection_window // 2
+        ):
+            self._local_max_data = self._consumed_total + self.params.connection_window
+            self._max_data_pending = True
+
+    def send_message(self, data: bytes) -> None:
+        """Queue a reliable, unordered message."""
+        if len(data) > self.max_message:
+            raise LocalProtocolError(
+                f"message of {len(data)} bytes exceeds {self.max_message}; use a stream"
+            )
+        if len(self._msgs) >= self.params.max_pending_messages:
+            raise LocalProtocolError("too many messages waiting to be sent")
+        self._msgs.append(Msg(self._next_msg_id, data))
+        self._next_msg_id += 1
+
+    @property
+    def max_message(self) -> int:
+        """The largest reliable message: one message travels in one packet."""
+        return min(
+            self.params.max_message, self.params.max_datagram - HEADER_AND_TAG - _MSG_OVERHEAD
+        )
+
+    def queue_control(self, record: bytes) -> None:
+        """An unreliable record (PING, PONG, CLOSE, KEEPALIVE, APP) for the next packet."""
+        self._control.append(record)
+
+    def note_untracked(self, pn: int) -> None:
+        """A packet numbered `pn` was sent outside `build_packet` (a session confirmation)."""
+        self._largest_sent = max(self._largest_sent, pn)
+
+    def open_streams(self) -> int:
+        """How many streams are open."""
+        return len(self._send)
+
+    # ------------------------------------------------------------------ receiving
+
+    def on_packet(self, pn: int, msgs: list[Message], now: float) -> list[Message]:
+        """Process the transport records of packet `pn`; return the others for the caller.
+
+        Raises `RemoteProtocolError` when the peer breaks a stream or flow-control rule.
+        """
+        other: list[Message] = []
+        eliciting = False
+        for m in msgs:
+            if isinstance(m, Ack):
+                self._on_ack(m, now)
+                continue
+            eliciting = True
+            if isinstance(m, StreamFrame):
+                self._on_stream(m)
+            elif isinstance(m, Msg):
+                if m.msg_id in self._seen_msgs:
+                    self.stats.duplicate_messages += 1
+                else:
+                    self._seen_msgs.add(m.msg_id, m.msg_id + 1)
+                    self.events.append(("message", m.data))
+            elif isinstance(m, MaxData):
+                self._peer_max_data = max(self._peer_max_data, m.maximum)
+            elif isinstance(m, MaxStreamData):
+                s = self._send.get(m.stream_id)
+                if s is not None:
+                    s.max_data = max(s.max_data, m.maximum)
+                    if m.stream_id not in self._rr and s.has_data():
+                        self._rr.append(m.stream_id)
+            elif isinstance(m, ResetStream):
+                self._on_reset(m)
+            elif isinstance(m, StopSending):
+                s = self._send.get(m.stream_id)
+                if s is not None and s.reset_code is None:
+                    self.reset_stream(m.stream_id, m.code)
+                    self.events.append(("reset", m.stream_id, m.code, True))
+            elif isinstance(m, Padding):
+                continue
+            else:
+                other.append(m)
+        self._record_received(pn, eliciting, now)
+        return other
+
+    def _record_received(self, pn: int, eliciting: bool, now: float) -> None:
+        gap = self._largest_received >= 0 and pn != self._largest_received + 1
+        self._received.add(pn, pn + 1)
+        if pn > self._largest_received:
+            self._largest_received = pn
+            self._largest_received_time = now
+        if not eliciting:
+            return
+        self._unacked_eliciting += 1
+        if gap and now - self._last_immediate_ack >= self.rtt.smoothed / 16:
+            # A hole, or a late packet filling one: report it at once (the NACK).
+            self._ack_now = True
+            self._last_immediate_ack = now
+            self.stats.immediate_acks += 1
+        elif self._unacked_eliciting >= ACK_EVERY:
+            self._ack_now = True
+        elif self._ack_deadline is None:
+            self._ack_deadline = now + MAX_ACK_DELAY
+
+    def _stream_for_peer_frame(self, sid: int) -> RecvStream | None:
+        r = self._recv.get(sid)
+        if r is not None:
+            return r
+        if sid % 2 == self._local_parity:
+            if sid >= self._next_local:
+                raise RemoteProtocolError(
+                    f"peer used our stream id {sid} before we opened it", STREAM_STATE_ERROR
+                )
+            return None  # one of ours, already finished
+        if sid < self._next_peer:
+            return None  # finished earlier: a late retransmission
+        opening = (sid - self._next_peer) // 2 + 1
+        if len(self._recv) + opening > self.params.max_streams * 2:
+            raise RemoteProtocolError("peer opened too many streams", STREAM_LIMIT_ERROR)
+        while self._next_peer <= sid:
+            self._create(self._next_peer)
+            self.events.append(("opened", self._next_peer))
+            self._next_peer += 2
+        return self._recv[sid]
+
+    def _on_stream(self, m: StreamFrame) -> None:
+        r = self._stream_for_peer_frame(m.stream_id)
+        if r is None:
+            return
+        before = r.highest
+        data, fin = r.on_frame(m.offset, m.data, m.fin)
+        grown = r.highest - before
+        if grown > 0:
+            self._recv_total += grown
+            if self._recv_total > self._local_max_data:
+                raise RemoteProtocolError("peer exceeded the connection flow-control limit", 3)
+        if data or fin:
+            self.stats.stream_bytes_received += len(data)
+            self.events.append(("data", m.stream_id, data, fin))
+
+    def _on_reset(self, m: ResetStream) -> None:
+        r = self._stream_for_peer_frame(m.stream_id)
+        if r is None or r.reset_code is not None:
+            return
+        if r.final_size is not None and r.final_size != m.final_size:
+            raise RemoteProtocolError("RESET_STREAM final size differs", 4)
+        r.reset_code = m.code
+        self.events.append(("reset", m.stream_id, m.code, True))
+        # Stop sending on our half too: the peer has gone away from this stream.
+        s = self._send.get(m.stream_id)
+        if s is not None and not s.done:
+            s.reset_code = m.code
+        self._maybe_forget(m.stream_id)
+
+    def _maybe_forget(self, sid: int) -> None:
+        s = self._send.get(sid)
+        r = self._recv.get(sid)
+        if s is not None and r is not None and s.done and r.done:
+            del self._send[sid]
+            del self._recv[sid]
+            self._blocked.discard(sid)
+
+    # ------------------------------------------------------------------ acknowledgements
+
+    def _on_ack(self, ack: Ack, now: float) -> None:
+        largest = ack.ranges[0][1] - 1
+        if largest > self._largest_sent:
+            raise RemoteProtocolError("peer acknowledged a packet we never sent", 7)
+        if not self._sent:
+            return
+        newly: list[SentPacket] = []
+        first = next(iter(self._sent))
+        for start, end in ack.ranges:
+            if end <= first:
+                break
+            for pn in range(max(start, first), end):
+                p = self._sent.pop(pn, None)
+                if p is not None:
+                    newly.append(p)
+        if not newly:
+            return
+        if largest > self._largest_acked:
+            self._largest_acked = largest
+        newest = max(newly, key=lambda p: p.pn)
+        if newest.pn == largest and newest.ack_eliciting:
+            self.rtt.update(now - newest.time, ack.delay_us / 1e6, MAX_ACK_DELAY)
+        for p in sorted(newly, key=lambda p: p.pn):
+            self._on_packet_acked(p, now)
+        self._pto_count = 0
+        self._detect_losses(now)
+
+    def _on_packet_acked(self, p: SentPacket, now: float) -> None:
+        self.stats.packets_acked += 1
+        if p.in_flight:
+            self.bytes_in_flight -= p.size
+        self._delivered += p.size
+        self._delivered_time = now
+        sample: RateSample | None = None
+        if p.in_flight:
+            send_elapsed = p.time - p.first_sent_time
+            ack_elapsed = self._delivered_time - p.delivered_time
+            interval = max(send_elapsed, ack_elapsed)
+            if interval > 0:
+                sample = RateSample(
+                    (self._delivered - p.delivered) / interval,
+                    self._delivered,
+                    p.delivered,
+                    p.app_limited,
+                    now - p.time,
+                )
+            self._first_sent_time = p.time
+            self.cc.on_acked(p.size, p.time, sample, now, self.bytes_in_flight)
+        if p.probe_size:
+            self._pmtu_acked(p.probe_size, now)
+        elif p.size > BASE_MTU:
+            self._big_losses = 0
+            self._last_big_ack = now
+        for f in p.frames:
+            kind = f[0]
+            if kind == "s":
+                s = self._send.get(f[1])
+                if s is not None:
+                    before = s.buffered
+                    s.on_acked(f[2], f[3], f[4])
+                    if (
+                        f[1] in self._blocked
+                        and s.buffered < self.params.send_buffer // 2 <= before
+                    ):
+                        self._blocked.discard(f[1])
+                        self.events.append(("writable", f[1]))
+                    self._maybe_forget(f[1])
+
+    def _detect_losses(self, now: float) -> None:
+        self._loss_time = None
+        delay = self.rtt.loss_delay()
+        lost: list[SentPacket] = []
+        for pn, p in self._sent.items():
+            if pn >= self._largest_acked:
+                break
+            # The same expression as the timer below (p.time + delay), so a timer that fires at
+            # exactly that instant always finds the packet lost (no float-rounding livelock).
+            if self._largest_acked - pn >= PACKET_THRESHOLD or p.time + delay <= now:
+                lost.append(p)
+            else:
+                t = p.time + delay
+                if self._loss_time is None or t < self._loss_time:
+                    self._loss_time = t
+        for p in lost:
+            del self._sent[p.pn]
+            self._on_packet_lost(p, now)
+
+    def _on_packet_lost(self, p: SentPacket, now: float) -> None:
+        self.stats.packets_lost += 1
+        if p.in_flight:
+            self.bytes_in_flight -= p.size
+            self.cc.on_lost(p.size, p.time, now)
+        if p.probe_size:
+            self._pmtu_lost(now)
+            return  # probe padding carries nothing to resend
+        if p.size > BASE_MTU and self.mtu > BASE_MTU:
+            self._big_losses += 1
+            silent = now - self._last_big_ack > 3 * self.rtt.pto(MAX_ACK_DELAY)
+            if self._big_losses >= 3 and silent:
+                # A black hole: full-size packets vanish while small ones get through.
+                self._set_mtu(BASE_MTU)
+                self._pmtu_index = 0
+                self._pmtu_next_probe = now + PMTU_RAISE_INTERVAL / 10
+        self._requeue(p)
+
+    # ------------------------------------------------------------------ path MTU
+
+    def _set_mtu(self, size: int) -> None:
+        self.mtu = size
+        self.cc.mss = size
+
+    def _pmtu_acked(self, size: int, now: float) -> None:
+        self._pmtu_in_flight = False
+        if size > self.mtu:
+            self._set_mtu(size)
+        self._pmtu_index += 1
+        self._pmtu_failures = 0
+        self._pmtu_next_probe = now
+
+    def _pmtu_lost(self, now: float) -> None:
+        self._pmtu_in_flight = False
+        self._pmtu_failures += 1
+        if self._pmtu_failures >= PMTU_MAX_PROBES:
+            self._pmtu_index = len(PMTU_CANDIDATES)  # search done until the raise timer
+            self._pmtu_failures = 0
+            self._pmtu_next_probe = now + PMTU_RAISE_INTERVAL
+        else:
+            self._pmtu_next_probe = now + self.rtt.smoothed
+
+    def _pmtu_probe_size(self, now: float) -> int:
+        if self._pmtu_in_flight or now < self._pmtu_next_probe:
+            return 0
+        if self._pmtu_index >= len(PMTU_CANDIDATES):
+            if self.mtu < self.params.max_datagram:
+                self._pmtu_index = 0  # raise timer expired: search again
+            else:
+                return 0
+        while self._pmtu_index < len(PMTU_CANDIDATES):
+            size = min(PMTU_CANDIDATES[self._pmtu_index], self.params.max_datagram)
+            if size > self.mtu:
+                return size
+            self._pmtu_index += 1
+        return 0
+
+    # ------------------------------------------------------------------ sending
+
+    def _ack_record(self, now: float) -> bytes | None:
+        if not self._received:
+            return None
+        ranges = tuple(self._received.descending(64))
+        delay = max(0.0, now - self._largest_received_time)
+        return push_message(Ack(ranges, int(delay * 1e6)))
+
+    def ack_due(self, now: float) -> bool:
+        """An acknowledgement must go out now."""
+        return self._ack_now or (self._ack_deadline is not None and now >= self._ack_deadline)
+
+    def _has_reliable_work(self) -> bool:
+        return bool(
+            self._msgs
+            or self._rr
+            or self._max_data_pending
+            or self._max_stream_pending
+            or self._reset_pending
+            or self._stop_pending
+        )
+
+    def wants_to_send(self, now: float) -> bool:
+        """Something can leave right now (congestion and pacing permitting)."""
+        if self._control or self.ack_due(now) or self._probes_due:
+            return True
+        if self._pmtu_probe_size(now):
+            return True
+        return self._has_reliable_work() and self._cwnd_open() and now >= self._next_send_time
+
+    def _cwnd_open(self) -> bool:
+        return self.bytes_in_flight < self.cc.cwnd
+
+    def build_packet(self, pn: int, now: float) -> bytes | None:
+        """The plaintext of packet `pn`, or None when nothing may be sent now."""
+        limit = self.mtu - HEADER_AND_TAG
+        probe = 0
+        parts: list[bytes] = []
+        frames: list[tuple[Any, ...]] = []
+        used = 0
+        eliciting = False
+        ack_due = self.ack_due(now)
+        reliable_ok = self._probes_due > 0 or (self._cwnd_open() and now >= self._next_send_time)
+        if not ack_due and not self._control and not self._probes_due:
+            probe = self._pmtu_probe_size(now)
+            if not probe and not (reliable_ok and self._has_reliable_work()):
+                return None
+        if probe:
+            limit = probe - HEADER_AND_TAG
+        # An acknowledgement rides on everything we send while one is owed.
+        if (
+            self._unacked_eliciting
+            or ack_due
+            or (self._received and reliable_ok and self._has_reliable_work())
+        ):
+            rec = self._ack_record(now)
+            if rec is not None and len(rec) <= limit:
+                parts.append(rec)
+                used += len(rec)
+                self._ack_now = False
+                self._ack_deadline = None
+                self._unacked_eliciting = 0
+                self.stats.acks_sent += 1
+        while self._control and used + len(self._control[0]) <= limit:
+            rec = self._control.popleft()
+            parts.append(rec)
+            used += len(rec)
+            eliciting = True
+        if probe:
+            parts.append(push_message(Keepalive()))
+            used += 3
+            pad = limit - used - 3
+            if pad > 0:
+                parts.append(push_message(Padding(pad)))
+            self._pmtu_in_flight = True
+            eliciting = True
+        elif reliable_ok:
+            used, eliciting = self._fill_reliable(parts, frames, used, limit, eliciting)
+        if self._probes_due and not eliciting and used + 3 <= limit:
+            parts.append(push_message(Keepalive()))  # a probe must elicit an acknowledgement
+            eliciting = True
+        if not parts:
+            return None
+        plaintext = b"".join(parts)
+        size = len(plaintext) + HEADER_AND_TAG
+        in_flight = eliciting and not probe
+        if self._probes_due and eliciting:
+            self._probes_due -= 1
+        if eliciting:
+            if not self.bytes_in_flight:
+                self._first_sent_time = now
+                self._delivered_time = now
+            self._sent[pn] = SentPacket(
+                pn,
+                now,
+                size,
+                True,
+                in_flight,
+                frames,
+                self._delivered,
+                self._delivered_time,
+                self._first_sent_time,
+                not self._has_reliable_work(),
+                probe,
+            )
+            self._last_eliciting_sent = now
+            if in_flight:
+                self.bytes_in_flight += size
+                self.cc.on_sent(size, now)
+                rate = self.cc.pacing_rate(self.rtt)
+                if rate > 0:
+                    # Allow a small burst (timer granularity in an event loop is ~1 ms).
+                    self._next_send_time = max(self._next_send_time, now - 0.002) + size / rate
+        self.stats.packets_sent += 1
+        self._largest_sent = max(self._largest_sent, pn)
+        return plaintext
+
+    def _fill_reliable(
+        self,
+        parts: list[bytes],
+        frames: list[tuple[Any, ...]],
+        used: int,
+        limit: int,
+        eliciting: bool,
+    ) -> tuple[int, bool]:
+        def add(rec: bytes, frame: tuple[Any, ...]) -> bool:
+            nonlocal used, eliciting
+            if used + len(rec) > limit:
+                return False
+            parts.append(rec)
+            frames.append(frame)
+            used += len(rec)
+            eliciting = True
+            return True
+
+        if self._max_data_pending and add(push_message(MaxData(self._local_max_data)), ("d",)):
+            self._max_data_pending = False
+        for sid in list(self._max_stream_pending):
+            r = self._recv.get(sid)
+            if r is None or add(push_message(MaxStreamData(sid, r.max_data)), ("w", sid)):
+                self._max_stream_pending.discard(sid)
+        for sid, code in list(self._reset_pending.items()):
+            s = self._send.get(sid)
+            final = s.next_offset if s is not None else 0
+            if add(push_message(ResetStream(sid, code, final)), ("r", sid, code)):
+                del self._reset_pending[sid]
+        for sid, code in list(self._stop_pending.items()):
+            if add(push_message(StopSending(sid, code)), ("x", sid, code)):
+                del self._stop_pending[sid]
+        while self._msgs and used + _MSG_OVERHEAD + len(self._msgs[0].data) <= limit:
+            m = self._msgs.popleft()
+            add(push_message(m), ("m", m))
+        # Stream data, round robin: each stream gets one frame per turn.
+        turns = len(self._rr)
+        while self._rr and turns > 0 and limit - used > _STREAM_OVERHEAD:
+            turns -= 1
+            sid = self._rr[0]
+            s = self._send.get(sid)
+            if s is None or not s.has_data():
+                self._rr.popleft()
+                continue
+            credit = max(0, self._peer_max_data - self._sent_new)
+            got = s.next_frame(limit - used - _STREAM_OVERHEAD, credit)
+            if got is None:
+                self._rr.popleft()
+                continue
+            offset, data, fin, is_new = got
+            if is_new:
+                self._sent_new += len(data)
+                self.stats.stream_bytes_sent += len(data)
+            add(
+                push_message(StreamFrame(sid, offset, data, fin)),
+                ("s", sid, offset, len(data), fin),
+            )
+            self._rr.rotate(-1)
+            if s.has_data():
+                turns += 1  # keep filling this packet while there is room
+            elif self._rr and self._rr[-1] == sid:
+                self._rr.pop()
+        return used, eliciting
+
+    # ------------------------------------------------------------------ timers
+
+    def get_timer(self, now: float) -> float | None:
+        """The next time `handle_timer` must run, or None."""
+        t: float | None = self._ack_deadline
+        if self._loss_time is not None:
+            t = self._loss_time if t is None else min(t, self._loss_time)
+        elif self._sent:
+            pto = self._last_eliciting_sent + self.rtt.pto(MAX_ACK_DELAY) * (
+                2 ** min(self._pto_count, MAX_PTO_BACKOFF)
+            )
+            t = pto if t is None else min(t, pto)
+        if self._has_reliable_work() and self._cwnd_open() and self._next_send_time > now:
+            t = self._next_send_time if t is None else min(t, self._next_send_time)
+        probe_at = self._pmtu_next_probe
+        if (
+            not self._pmtu_in_flight
+            and self._pmtu_index < len(PMTU_CANDIDATES)
+            and (self.mtu < self.params.max_datagram)
+        ):
+            t = probe_at if t is None else min(t, probe_at)
+        return t
+
+    def handle_timer(self, now: float) -> None:
+        """Declare losses or send probes, whichever is due."""
+        if self._loss_time is not None and now >= self._loss_time:
+            self._detect_losses(now)
+            return
+        if self._loss_time is None and self._sent:
+            pto = self._last_eliciting_sent + self.rtt.pto(MAX_ACK_DELAY) * (
+                2 ** min(self._pto_count, MAX_PTO_BACKOFF)
+            )
+            if now >= pto:
+                self._pto_count += 1
+                self.stats.pto_count_total += 1
+                self._probes_due = 2
+                # Re-send the oldest outstanding data in the probe rather than only new data.
+                oldest = next((p for p in self._sent.values() if p.frames), None)
+                if oldest is not None:
+                    del self._sent[oldest.pn]
+                    if oldest.in_flight:
+                        self.bytes_in_flight -= oldest.size
+                    self.stats.packets_lost += 1
+                    self._requeue(oldest)
+
+    def _requeue(self, p: SentPacket) -> None:
+        """Queue again whatever a lost packet carried that still matters."""
+        for f in p.frames:
+            kind = f[0]
+            if kind == "s":
+                s = self._send.get(f[1])
+                if s is not None:
+                    s.on_lost(f[2], f[3], f[4])
+                    self.stats.bytes_retransmitted += f[3]
+                    if f[1] not in self._rr:
+                        self._rr.append(f[1])
+            elif kind == "m":
+                self._msgs.appendleft(f[1])
+            elif kind == "d":
+                self._max_data_pending = True
+            elif kind == "w" and f[1] in self._recv:
+                self._max_stream_pending.add(f[1])
+            elif kind == "r" and f[1] in self._send:
+                self._reset_pending[f[1]] = f[2]
+            elif kind == "x" and f[1] in self._recv:
+                self._stop_pending[f[1]] = f[2]
+
+    @property
+    def pto_count(self) -> int:
+        """Consecutive probe timeouts without an acknowledgement (a sign the peer is gone)."""
+        return self._pto_count
+
+    def outstanding(self) -> int:
+        """Packets sent and neither acknowledged nor declared lost."""
+        return len(self._sent)

@@ -1,0 +1,258 @@
+"""Reliable ordered byte streams: the send and receive halves, with flow control. Pure.
+
+Theory of operation. A send stream keeps every byte the application wrote until the peer acknowledges
+it; bytes go out once as new data, and again only if the packet that carried them is declared lost
+(then the range is queued for retransmission in a fresh packet with a fresh packet number). The peer's
+MAX_STREAM_DATA bounds how far ahead of its reader we may send. A receive stream reassembles frames by
+offset (duplicates and overlaps are trimmed), hands contiguous bytes to the application in order, and
+widens the window it advertises as the application consumes, so a slow reader throttles the sender
+instead of growing memory.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_right, insort
+
+from cellmesh.errors import LocalProtocolError, RemoteProtocolError
+from cellmesh.transport.ranges import RangeSet
+
+FLOW_CONTROL_ERROR = 3
+FINAL_SIZE_ERROR = 4
+
+
+class SendStream:
+    """The sending half of one stream."""
+
+    __slots__ = (
+        "_buf",
+        "_fin_lost",
+        "_retransmit",
+        "acked",
+        "base",
+        "fin_acked",
+        "fin_sent",
+        "fin_written",
+        "max_data",
+        "next_offset",
+        "reset_code",
+        "stream_id",
+    )
+
+    def __init__(self, stream_id: int, max_data: int) -> None:
+        self.stream_id = stream_id
+        self._buf = bytearray()  # bytes from `base` on, not yet acknowledged
+        self.base = 0  # everything below is acknowledged and forgotten
+        self.next_offset = 0  # first byte never sent
+        self.max_data = max_data  # peer's MAX_STREAM_DATA
+        self.acked = RangeSet(limit=4096)
+        self._retransmit = RangeSet(limit=1 << 20)
+        self.fin_written = False
+        self.fin_sent = False
+        self.fin_acked = False
+        self._fin_lost = False
+        self.reset_code: int | None = None
+
+    @property
+    def write_offset(self) -> int:
+        """Total bytes written by the application."""
+        return self.base + len(self._buf)
+
+    @property
+    def buffered(self) -> int:
+        """Bytes held (written but not acknowledged)."""
+        return len(self._buf)
+
+    def write(self, data: bytes, fin: bool) -> None:
+        """Append application data (and optionally end the stream)."""
+        if self.fin_written or self.reset_code is not None:
+            raise LocalProtocolError(f"stream {self.stream_id} is closed for writing")
+        self._buf += data
+        if fin:
+            self.fin_written = True
+
+    def has_data(self) -> bool:
+        """Something to (re)send, flow control permitting."""
+        if self.reset_code is not None:
+            return False
+        if self._retransmit or self._fin_lost:
+            return True
+        if self.next_offset < self.write_offset and self.next_offset < self.max_data:
+            return True
+        return self.fin_written and not self.fin_sent and self.next_offset == self.write_offset
+
+    def next_frame(self, max_len: int, conn_credit: int) -> tuple[int, bytes, bool, bool] | None:
+        """(offset, data, fin, is_new) of the next frame of at most `max_len` bytes, or None.
+
+        Retransmissions come first and cost no flow-control credit (it was spent when first sent);
+        new data is limited by the stream's and the connection's credit (`conn_credit`).
+        """
+        if max_len <= 0 or self.reset_code is not None:
+            return None
+        while self._retransmit:
+            start, end = self._retransmit.ranges()[0]
+            self._retransmit.remove_below(end)
+            start = max(start, self.base)
+            if start >= end:
+                continue
+            # Skip parts the peer acknowledged after we queued them.
+            start = self.acked.first_gap_from(start)
+            if start >= end:
+                continue
+            stop = min(end, start + max_len)
+            if stop < end:
+                self._retransmit.add(stop, end)
+            return start, bytes(self._buf[start - self.base : stop - self.base]), False, False
+        limit = min(self.write_offset, self.max_data, self.next_offset + conn_credit)
+        n = min(max_len, limit - self.next_offset)
+        end_of_stream = self.fin_written and self.next_offset + max(n, 0) == self.write_offset
+        if n <= 0 and not (end_of_stream and not self.fin_sent) and not self._fin_lost:
+            return None
+        if n <= 0 and self._fin_lost:
+            self._fin_lost = False
+            return self.write_offset, b"", True, False
+        n = max(n, 0)
+        start = self.next_offset
+        data = bytes(self._buf[start - self.base : start - self.base + n])
+        self.next_offset += n
+        fin = end_of_stream
+        if fin:
+            self.fin_sent = True
+        return start, data, fin, True
+
+    def on_acked(self, offset: int, length: int, fin: bool) -> None:
+        """The frame [offset, offset+length) (and fin) reached the peer."""
+        if length:
+            self.acked.add(offset, offset + length)
+        if fin:
+            self.fin_acked = True
+        new_base = self.acked.first_gap_from(self.base)
+        if new_base > self.base:
+            del self._buf[: new_base - self.base]
+            self.base = new_base
+            self.acked.remove_below(new_base)
+
+    def on_lost(self, offset: int, length: int, fin: bool) -> None:
+        """The frame was lost: queue whatever of it is still unacknowledged."""
+        if self.reset_code is not None:
+            return
+        end = offset + length
+        if end > self.base:
+            self._retransmit.add(max(offset, self.base), end)
+        if fin and not self.fin_acked:
+            self._fin_lost = True  # resent as an empty FIN frame at the final offset
+
+    @property
+    def done(self) -> bool:
+        """Everything including the FIN was acknowledged (or the stream was reset)."""
+        return self.reset_code is not None or (self.fin_acked and self.base == self.write_offset)
+
+
+class RecvStream:
+    """The receiving half of one stream."""
+
+    __slots__ = (
+        "_chunks",
+        "_offsets",
+        "consumed",
+        "delivered",
+        "fin_delivered",
+        "final_size",
+        "highest",
+        "max_data",
+        "reset_code",
+        "stream_id",
+        "window",
+    )
+
+    def __init__(self, stream_id: int, window: int) -> None:
+        self.stream_id = stream_id
+        self.window = window
+        self.max_data = window  # what we have allowed the peer to send up to
+        self.delivered = 0  # bytes handed to the application, in order
+        self.consumed = 0  # bytes the application has actually read
+        self.highest = 0  # highest offset + 1 received
+        self.final_size: int | None = None
+        self.fin_delivered = False
+        self.reset_code: int | None = None
+        self._chunks: dict[int, bytes] = {}
+        self._offsets: list[int] = []
+
+    def on_frame(self, offset: int, data: bytes, fin: bool) -> tuple[bytes, bool]:
+        """Take a STREAM frame; return (bytes now deliverable in order, fin reached).
+
+        Raises `RemoteProtocolError` when the peer exceeds our flow-control window or changes the
+        final size.
+        """
+        end = offset + len(data)
+        if end > self.max_data:
+            raise RemoteProtocolError(
+                f"stream {self.stream_id}: peer sent past the flow-control limit",
+                FLOW_CONTROL_ERROR,
+            )
+        if fin:
+            if self.final_size is not None and self.final_size != end:
+                raise RemoteProtocolError("stream final size changed", FINAL_SIZE_ERROR)
+            if end < self.highest:
+                raise RemoteProtocolError(
+                    "stream FIN below data already received", FINAL_SIZE_ERROR
+                )
+            self.final_size = end
+        elif self.final_size is not None and end > self.final_size:
+            raise RemoteProtocolError("stream data beyond its final size", FINAL_SIZE_ERROR)
+        self.highest = max(self.highest, end)
+        if self.reset_code is not None:
+            return b"", False
+        if end > self.delivered and data:
+            if offset < self.delivered:
+                data = data[self.delivered - offset :]
+                offset = self.delivered
+            existing = self._chunks.get(offset)
+            if existing is None or len(existing) < len(data):
+                if existing is None:
+                    insort(self._offsets, offset)
+                self._chunks[offset] = data
+        out = bytearray()
+        while self._offsets:
+            first = self._offsets[0]
+            if first > self.delivered:
+                break
+            chunk = self._chunks.pop(first)
+            del self._offsets[0]
+            chunk_end = first + len(chunk)
+            if chunk_end > self.delivered:
+                out += chunk[self.delivered - first :]
+                self.delivered = chunk_end
+        fin_now = (
+            not self.fin_delivered
+            and self.final_size is not None
+            and self.delivered == self.final_size
+        )
+        if fin_now:
+            self.fin_delivered = True
+        return bytes(out), fin_now
+
+    @property
+    def buffered_out_of_order(self) -> int:
+        """Bytes held waiting for a gap to fill."""
+        return sum(len(c) for c in self._chunks.values())
+
+    def on_consumed(self, n: int) -> int | None:
+        """The application read `n` bytes. Returns a new MAX_STREAM_DATA to advertise, if due."""
+        self.consumed = min(self.delivered, self.consumed + n)
+        target = self.consumed + self.window
+        if self.final_size is None and target - self.max_data >= self.window // 2:
+            self.max_data = target
+            return target
+        return None
+
+    def has_gap_at(self, offset: int) -> bool:
+        """Whether a chunk starting at or before `offset` is buffered (for tests)."""
+        i = bisect_right(self._offsets, offset)
+        return i > 0
+
+    @property
+    def done(self) -> bool:
+        """FIN delivered (or reset) and everything read."""
+        return self.reset_code is not None or (
+            self.fin_delivered and self.consumed >= self.delivered
+        )
