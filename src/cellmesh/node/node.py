@@ -23,20 +23,29 @@ from cellmesh.config import NodeConfig, parse_host_port
 from cellmesh.errors import LocalProtocolError, PeerUnreachableError
 from cellmesh.identity.cellid import format_cell_id, parse_cell_id
 from cellmesh.identity.keys import Identity
+from cellmesh.node.streams import Stream, StreamError, peer_gone
 from cellmesh.node.udp import Addr, UdpSockets, format_addr
 from cellmesh.transport.endpoint import Endpoint
 from cellmesh.transport.events import (
     DatagramReceived,
     EndpointStats,
     HandshakeFailed,
+    MessageReceived,
     PeerConnected,
     PeerDisconnected,
     PeerInfo,
     PingReply,
+    StreamData,
+    StreamFinished,
+    StreamOpened,
+    StreamReset,
+    StreamWritable,
 )
 
 log = logging.getLogger("cellmesh.node")
 MAX_INBOX = 4096
+MAX_ACCEPT_BACKLOG = 64
+REFUSED = 2
 
 
 def _as_cell(cell_id: bytes | str) -> bytes:
@@ -75,6 +84,9 @@ class Node:
         self._addr_waiters: dict[Addr, list[asyncio.Future[bytes]]] = defaultdict(list)
         self._inbox: asyncio.Queue[tuple[bytes, bytes]] = asyncio.Queue(MAX_INBOX)
         self.inbox_dropped = 0
+        self._streams: dict[tuple[bytes, int], Stream] = {}
+        self._accept: asyncio.Queue[Stream] = asyncio.Queue(MAX_ACCEPT_BACKLOG)
+        self._messages: asyncio.Queue[tuple[bytes, bytes]] = asyncio.Queue(MAX_INBOX)
         self._stopped = asyncio.Event()
 
     # ------------------------------------------------------------------ lifecycle
@@ -222,7 +234,45 @@ class Node:
         self._pump()
 
     def _dispatch(self, ev: object) -> None:
-        if isinstance(ev, PingReply):
+        if isinstance(ev, StreamData):
+            st = self._streams.get((ev.cell_id, ev.stream_id))
+            if st is not None:
+                st._feed(ev.data, ev.fin)
+            elif self._endpoint is not None:
+                # Data for a stream nobody holds (refused or dropped): consume it so windows move.
+                self._endpoint.stream_consumed(ev.cell_id, ev.stream_id, len(ev.data), self._now())
+        elif isinstance(ev, StreamWritable):
+            st = self._streams.get((ev.cell_id, ev.stream_id))
+            if st is not None:
+                st._on_writable()
+        elif isinstance(ev, StreamFinished):
+            st = self._streams.get((ev.cell_id, ev.stream_id))
+            if st is not None:
+                st._on_finished()
+                if st.at_eof:
+                    del self._streams[(ev.cell_id, ev.stream_id)]
+        elif isinstance(ev, StreamOpened):
+            st = Stream(self, ev.cell_id, ev.stream_id)
+            try:
+                self._accept.put_nowait(st)
+            except asyncio.QueueFull:
+                if self._endpoint is not None:
+                    now = self._now()
+                    self._endpoint.stream_stop(ev.cell_id, ev.stream_id, REFUSED, now)
+                    self._endpoint.stream_reset(ev.cell_id, ev.stream_id, REFUSED, now)
+                return
+            self._streams[(ev.cell_id, ev.stream_id)] = st
+        elif isinstance(ev, StreamReset):
+            st = self._streams.get((ev.cell_id, ev.stream_id))
+            if st is not None:
+                who = "the peer" if ev.by_peer else "us"
+                st._fail(StreamError(f"stream reset by {who} (code {ev.code})", ev.code))
+        elif isinstance(ev, MessageReceived):
+            try:
+                self._messages.put_nowait((ev.cell_id, ev.data))
+            except asyncio.QueueFull:
+                self.inbox_dropped += 1
+        elif isinstance(ev, PingReply):
             w = self._ping_waiters.pop(ev.ping_id, None)
             if w is not None and not w[1].done():
                 w[1].set_result(ev.rtt)
@@ -247,6 +297,9 @@ class Node:
                     waiter.set_result(ev.cell_id)
         elif isinstance(ev, PeerDisconnected):
             log.info("peer %s disconnected: %s", format_cell_id(ev.cell_id), ev.reason)
+            err = peer_gone(format_cell_id(ev.cell_id), ev.reason)
+            for key in [k for k in self._streams if k[0] == ev.cell_id]:
+                self._streams.pop(key)._fail(err)
         elif isinstance(ev, HandshakeFailed):
             who = format_cell_id(ev.cell_id) if ev.cell_id else format_addr(ev.addr)
             log.warning("handshake with %s failed: %s", who, ev.reason)
@@ -308,6 +361,82 @@ class Node:
     async def recv_datagram(self) -> tuple[bytes, bytes]:
         """The next (CellID, data) application datagram received."""
         return await self._inbox.get()
+
+    # ------------------------------------------------------------------ streams and messages
+
+    async def ensure_connected(self, cell_id: bytes | str, timeout: float = 5.0) -> bytes:
+        """Make sure a session with `cell_id` exists (handshaking if needed); returns the CellID."""
+        cell = _as_cell(cell_id)
+        ep = self.endpoint
+        if ep.session_for(cell) is not None:
+            return cell
+        fut: asyncio.Future[bytes] = asyncio.get_running_loop().create_future()
+        self._connect_waiters[cell].append(fut)
+        # A ping triggers the handshake towards the known address (or raises if unknown).
+        ep.send_ping(cell, self._now())
+        self._pump()
+        try:
+            return await asyncio.wait_for(fut, timeout)
+        except TimeoutError:
+            raise PeerUnreachableError(
+                f"no session with {format_cell_id(cell)} within {timeout:g} s"
+            ) from None
+
+    async def open_stream(self, cell_id: bytes | str, timeout: float = 5.0) -> Stream:
+        """Open a reliable, ordered byte stream to `cell_id` (connecting first if needed)."""
+        cell = await self.ensure_connected(cell_id, timeout)
+        sid = self.endpoint.open_stream(cell)
+        st = Stream(self, cell, sid)
+        self._streams[(cell, sid)] = st
+        return st
+
+    async def accept_stream(self) -> Stream:
+        """The next stream a peer opened to us."""
+        return await self._accept.get()
+
+    async def send_message(self, cell_id: bytes | str, data: bytes, timeout: float = 5.0) -> None:
+        """Send a reliable (retransmitted until acknowledged), unordered message."""
+        cell = await self.ensure_connected(cell_id, timeout)
+        self.endpoint.send_message(cell, data, self._now())
+        self._pump()
+
+    async def recv_message(self) -> tuple[bytes, bytes]:
+        """The next (CellID, data) reliable message."""
+        return await self._messages.get()
+
+    def _stream_space(self, st: Stream) -> int:
+        try:
+            return self.endpoint.stream_send_space(st.cell_id, st.stream_id)
+        except PeerUnreachableError as exc:
+            st._fail(exc)
+            raise
+
+    def _stream_write(self, st: Stream, data: bytes, fin: bool) -> None:
+        try:
+            self.endpoint.stream_write(st.cell_id, st.stream_id, data, self._now(), fin=fin)
+        except PeerUnreachableError as exc:
+            st._fail(exc)
+            raise
+        self._pump()
+
+    def _stream_consumed(self, st: Stream, n: int) -> None:
+        if st.at_eof and st._acknowledged.is_set():
+            self._streams.pop((st.cell_id, st.stream_id), None)  # both halves are finished
+        if self._endpoint is not None:
+            self._endpoint.stream_consumed(st.cell_id, st.stream_id, n, self._now())
+            self._pump()
+
+    def _stream_reset(self, st: Stream, code: int) -> None:
+        if self._endpoint is None:
+            return
+        now = self._now()
+        try:
+            self._endpoint.stream_reset(st.cell_id, st.stream_id, code, now)
+            self._endpoint.stream_stop(st.cell_id, st.stream_id, code, now)
+        except PeerUnreachableError:
+            return
+        self._streams.pop((st.cell_id, st.stream_id), None)
+        self._pump()
 
     def peers(self) -> list[PeerInfo]:
         """Connected peers."""

@@ -26,6 +26,10 @@ from cellmesh.transport.rtt import RttEstimator
 
 INITIAL_WINDOW_PACKETS = 10
 MIN_WINDOW_PACKETS = 4
+# BBR's cwnd also covers acknowledgement aggregation (delayed and batched ACKs, an event loop that
+# drains a socket in bursts). On sub-millisecond paths the bandwidth-delay product is a few packets,
+# which would leave the sender idle between batches; this floor keeps a batch in flight.
+AGGREGATION_FLOOR = 64 * 1024
 LOSS_THRESHOLD = 0.15
 BW_WINDOW_ROUNDS = 10
 MIN_RTT_EXPIRY = 10.0
@@ -167,15 +171,21 @@ class BbrLite:
             self.min_rtt = sample.rtt
             self._min_rtt_stamp = now
         if not sample.app_limited or sample.delivery_rate > self.btl_bw:
-            self._bw_samples.append((self.round, sample.delivery_rate))
-        # Windowed max over the last BW_WINDOW_ROUNDS rounds.
-        floor = self.round - BW_WINDOW_ROUNDS
-        if self._bw_samples and self._bw_samples[0][0] <= floor:
-            self._bw_samples = [x for x in self._bw_samples if x[0] > floor]
-        self.btl_bw = max((r for _, r in self._bw_samples), default=0.0)
+            # Windowed max over the last BW_WINDOW_ROUNDS rounds: one (round, max) entry per round.
+            rate = sample.delivery_rate
+            samples = self._bw_samples
+            if samples and samples[-1][0] == self.round:
+                if rate > samples[-1][1]:
+                    samples[-1] = (self.round, rate)
+            else:
+                samples.append((self.round, rate))
+            floor = self.round - BW_WINDOW_ROUNDS
+            while samples and samples[0][0] <= floor:
+                samples.pop(0)
+            self.btl_bw = max(r for _, r in samples)
         self._advance_state(now, in_flight)
         _, cwnd_gain = self._gains()
-        target = max(cwnd_gain * self._bdp(), MIN_WINDOW_PACKETS * self.mss)
+        target = max(cwnd_gain * self._bdp(), MIN_WINDOW_PACKETS * self.mss, AGGREGATION_FLOOR)
         self.cwnd = int(min(target, self.inflight_hi))
         self.cwnd = max(self.cwnd, MIN_WINDOW_PACKETS * self.mss)
 

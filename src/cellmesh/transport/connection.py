@@ -165,6 +165,7 @@ class Connection:
         self._ack_deadline: float | None = None
         self._ack_now = False
         self._last_immediate_ack = -1.0
+        self._ack_dirty = False
         # path MTU
         self._pmtu_index = 0
         self._pmtu_failures = 0
@@ -316,6 +317,7 @@ class Connection:
     def _record_received(self, pn: int, eliciting: bool, now: float) -> None:
         gap = self._largest_received >= 0 and pn != self._largest_received + 1
         self._received.add(pn, pn + 1)
+        self._ack_dirty = True
         if pn > self._largest_received:
             self._largest_received = pn
             self._largest_received_time = now
@@ -451,6 +453,7 @@ class Connection:
                 s = self._send.get(f[1])
                 if s is not None:
                     before = s.buffered
+                    was_done = s.done
                     s.on_acked(f[2], f[3], f[4])
                     if (
                         f[1] in self._blocked
@@ -458,6 +461,8 @@ class Connection:
                     ):
                         self._blocked.discard(f[1])
                         self.events.append(("writable", f[1]))
+                    if s.done and not was_done and s.reset_code is None:
+                        self.events.append(("finished", f[1]))
                     self._maybe_forget(f[1])
 
     def _detect_losses(self, now: float) -> None:
@@ -586,17 +591,14 @@ class Connection:
                 return None
         if probe:
             limit = probe - HEADER_AND_TAG
-        # An acknowledgement rides on everything we send while one is owed.
-        if (
-            self._unacked_eliciting
-            or ack_due
-            or (self._received and reliable_ok and self._has_reliable_work())
-        ):
+        # An acknowledgement rides on what we send while one is owed and something new arrived.
+        if ack_due or (self._ack_dirty and (self._unacked_eliciting or self._has_reliable_work())):
             rec = self._ack_record(now)
             if rec is not None and len(rec) <= limit:
                 parts.append(rec)
                 used += len(rec)
                 self._ack_now = False
+                self._ack_dirty = False
                 self._ack_deadline = None
                 self._unacked_eliciting = 0
                 self.stats.acks_sent += 1

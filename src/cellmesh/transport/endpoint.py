@@ -63,6 +63,7 @@ from cellmesh.transport.events import (
     PeerStateChanged,
     PingReply,
     StreamData,
+    StreamFinished,
     StreamOpened,
     StreamReset,
     StreamWritable,
@@ -542,6 +543,8 @@ class Endpoint:
                 ev.append(StreamReset(cell, e[1], e[2], e[3]))
             elif kind == "writable":
                 ev.append(StreamWritable(cell, e[1]))
+            elif kind == "finished":
+                ev.append(StreamFinished(cell, e[1]))
 
     # ----------------------------------------------------------------- streams and messages
 

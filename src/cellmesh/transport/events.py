@@ -86,6 +86,14 @@ class StreamWritable:
 
 
 @dataclass(frozen=True, slots=True)
+class StreamFinished:
+    """Everything we wrote on the stream, FIN included, was acknowledged by the peer."""
+
+    cell_id: bytes
+    stream_id: int
+
+
+@dataclass(frozen=True, slots=True)
 class MessageReceived:
     """A reliable message arrived (each delivered exactly once, in no particular order)."""
 
@@ -112,6 +120,7 @@ Event = (
     | StreamData
     | StreamReset
     | StreamWritable
+    | StreamFinished
     | MessageReceived
     | PeerStateChanged
 )

@@ -1,0 +1,147 @@
+"""`Stream`: an asyncio face on one reliable cellmesh stream (the core lives in transport/).
+
+Reading hands bytes to the application and only then tells the core they were consumed, so the
+peer's flow-control window reopens at the speed the application actually reads. Writing waits
+while the stream's send buffer is full. Errors (a reset by the peer, the peer disconnecting) are
+raised from `read`, `write` and `wait_acknowledged` as `StreamError`/`PeerUnreachableError`.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from collections import deque
+from typing import TYPE_CHECKING
+
+from cellmesh.errors import CellmeshError, LocalProtocolError, PeerUnreachableError
+
+if TYPE_CHECKING:
+    from cellmesh.node.node import Node
+
+RESET_BY_APPLICATION = 1
+
+
+class StreamError(CellmeshError):
+    """The stream was reset (by the peer, or because the peer went away)."""
+
+    def __init__(self, message: str, code: int = 0) -> None:
+        super().__init__(message)
+        self.code = code
+
+
+class Stream:
+    """One bidirectional byte stream to a peer. Create with `Node.open_stream`/`accept_stream`."""
+
+    def __init__(self, node: Node, cell_id: bytes, stream_id: int) -> None:
+        self._node = node
+        self.cell_id = cell_id
+        self.stream_id = stream_id
+        self._chunks: deque[bytes] = deque()
+        self._eof = False
+        self._error: CellmeshError | None = None
+        self._readable = asyncio.Event()
+        self._writable = asyncio.Event()
+        self._writable.set()
+        self._acknowledged = asyncio.Event()
+        self._write_closed = False
+        self.bytes_read = 0
+        self.bytes_written = 0
+
+    # -- fed by the node's event dispatch
+
+    def _feed(self, data: bytes, fin: bool) -> None:
+        if data:
+            self._chunks.append(data)
+        if fin:
+            self._eof = True
+        self._readable.set()
+
+    def _fail(self, error: CellmeshError) -> None:
+        if self._error is None:
+            self._error = error
+        self._readable.set()
+        self._writable.set()
+        self._acknowledged.set()
+
+    def _on_writable(self) -> None:
+        self._writable.set()
+
+    def _on_finished(self) -> None:
+        self._acknowledged.set()
+
+    # -- application API
+
+    async def read(self, n: int = 65536) -> bytes:
+        """Up to `n` bytes; b"" once the peer has finished the stream."""
+        while not self._chunks:
+            if self._eof:
+                return b""
+            if self._error is not None:
+                raise self._error
+            self._readable.clear()
+            await self._readable.wait()
+        chunk = self._chunks.popleft()
+        if len(chunk) > n:
+            self._chunks.appendleft(chunk[n:])
+            chunk = chunk[:n]
+        self.bytes_read += len(chunk)
+        self._node._stream_consumed(self, len(chunk))
+        return chunk
+
+    async def read_all(self, limit: int = 64 * 1024 * 1024) -> bytes:
+        """Everything until the peer finishes the stream (at most `limit` bytes)."""
+        out = bytearray()
+        while True:
+            chunk = await self.read()
+            if not chunk:
+                return bytes(out)
+            out += chunk
+            if len(out) > limit:
+                raise LocalProtocolError(f"stream longer than {limit} bytes")
+
+    async def write(self, data: bytes) -> None:
+        """Queue `data`, waiting while the send buffer is full."""
+        if self._write_closed:
+            raise LocalProtocolError("stream is closed for writing")
+        view = memoryview(data)
+        while view:
+            if self._error is not None:
+                raise self._error
+            space = self._node._stream_space(self)
+            if space <= 0:
+                self._writable.clear()
+                await self._writable.wait()
+                continue
+            part = bytes(view[:space])
+            self._node._stream_write(self, part, fin=False)
+            self.bytes_written += len(part)
+            view = view[space:]
+
+    async def close(self) -> None:
+        """Finish our half of the stream (the peer reads EOF after the last byte)."""
+        if self._write_closed:
+            return
+        if self._error is not None:
+            raise self._error
+        self._write_closed = True
+        self._node._stream_write(self, b"", fin=True)
+
+    async def wait_acknowledged(self) -> None:
+        """Wait until the peer acknowledged every byte written and the end of the stream."""
+        await self._acknowledged.wait()
+        if self._error is not None:
+            raise self._error
+
+    def reset(self, code: int = RESET_BY_APPLICATION) -> None:
+        """Abandon the stream in both directions; the peer sees a reset with `code`."""
+        self._node._stream_reset(self, code)
+        self._fail(StreamError(f"stream reset locally (code {code})", code))
+
+    @property
+    def at_eof(self) -> bool:
+        """The peer finished the stream and everything was read."""
+        return self._eof and not self._chunks
+
+
+def peer_gone(cell_hex: str, reason: str) -> PeerUnreachableError:
+    """The error streams fail with when their peer disconnects."""
+    return PeerUnreachableError(f"peer {cell_hex} disconnected: {reason}")
