@@ -497,6 +497,12 @@ def peer_dict(p: PeerInfo) -> dict[str, Any]:
         "bytes_in": p.bytes_in,
         "bytes_out": p.bytes_out,
         "sessions": p.sessions,
+        "state": p.state,
+        "mtu": p.mtu,
+        "cwnd": p.cwnd,
+        "packets_lost": p.packets_lost,
+        "bytes_retransmitted": p.bytes_retransmitted,
+        "open_streams": p.open_streams,
     }
 
 

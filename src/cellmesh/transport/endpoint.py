@@ -441,7 +441,9 @@ class Endpoint:
                     cell_id=p.cell_id,
                     public_key=p.public_key,
                     addr=p.addr,
-                    rtt=p.srtt,
+                    rtt=(
+                        p.conn.rtt.smoothed if p.conn is not None and p.conn.rtt.samples else p.srtt
+                    ),
                     session_age=now - s.created,
                     last_seen=now - max(x.last_recv for x in p.sessions),
                     initiator=s.is_initiator,
@@ -450,6 +452,14 @@ class Endpoint:
                     bytes_in=sum(x.counters.bytes_in for x in p.sessions),
                     bytes_out=sum(x.counters.bytes_out for x in p.sessions),
                     sessions=len(p.sessions),
+                    state="suspect" if p.suspect else "alive",
+                    mtu=p.conn.mtu if p.conn is not None else 0,
+                    cwnd=p.conn.cc.cwnd if p.conn is not None else 0,
+                    packets_lost=p.conn.stats.packets_lost if p.conn is not None else 0,
+                    bytes_retransmitted=(
+                        p.conn.stats.bytes_retransmitted if p.conn is not None else 0
+                    ),
+                    open_streams=p.conn.open_streams() if p.conn is not None else 0,
                 )
             )
         return rows

@@ -142,6 +142,12 @@ class PeerInfo:
     bytes_in: int
     bytes_out: int
     sessions: int
+    state: str = "alive"
+    mtu: int = 0
+    cwnd: int = 0
+    packets_lost: int = 0
+    bytes_retransmitted: int = 0
+    open_streams: int = 0
 
 
 @dataclass(frozen=True, slots=True)
