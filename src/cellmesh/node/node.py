@@ -210,8 +210,9 @@ class Node:
         udp = self._udp
         if ep is None or udp is None or self._loop is None:
             return
-        for data, addr in ep.datagrams_to_send():
-            udp.send(data, addr)
+        out = ep.datagrams_to_send()
+        if out:
+            udp.send_many(out)
         if udp.has_backlog:
             self._set_writing(True)
         while (ev := ep.next_event()) is not None:

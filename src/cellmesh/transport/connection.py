@@ -36,12 +36,17 @@ from cellmesh.transport.rtt import RttEstimator
 from cellmesh.transport.stream import RecvStream, SendStream
 from cellmesh.wire.messages import (
     Ack,
+    AppData,
+    Close,
     Keepalive,
     MaxData,
     MaxStreamData,
     Message,
     Msg,
+    MsgType,
     Padding,
+    Ping,
+    Pong,
     ResetStream,
     StopSending,
     StreamFrame,
@@ -49,6 +54,7 @@ from cellmesh.wire.messages import (
 )
 
 HEADER_AND_TAG = 64 + 16
+_UNRELIABLE = (Ping, Pong, AppData, Close)
 BASE_MTU = 1200
 PMTU_CANDIDATES = (1452, 2048, 4096, 8192, 9000, 16384, 32768, 65507)
 PMTU_MAX_PROBES = 3
@@ -282,6 +288,10 @@ class Connection:
         for m in msgs:
             if isinstance(m, Ack):
                 self._on_ack(m, now)
+                continue
+            if isinstance(m, _UNRELIABLE):
+                # PING/PONG/APP/CLOSE are fire-and-forget: they ask for no acknowledgement.
+                other.append(m)
                 continue
             eliciting = True
             if isinstance(m, StreamFrame):
@@ -606,7 +616,8 @@ class Connection:
             rec = self._control.popleft()
             parts.append(rec)
             used += len(rec)
-            eliciting = True
+            if rec[0] == MsgType.KEEPALIVE:
+                eliciting = True  # keepalives are answered, which is how a silent peer is noticed
         if probe:
             parts.append(push_message(Keepalive()))
             used += 3

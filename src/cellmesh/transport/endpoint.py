@@ -85,6 +85,7 @@ from cellmesh.wire.header import (
     associated_data,
     pack_header,
     pull_header,
+    pull_header_fields,
 )
 from cellmesh.wire.messages import (
     COOKIE_LEN,
@@ -240,6 +241,8 @@ class Endpoint:
             congestion_control=config.congestion_control,
         )
         self._timer_heap: list[tuple[float, bytes]] = []
+        self._finishing: set[bytes] = set()  # peers whose XX message 3 awaits confirmation
+        self._ping_counter = int.from_bytes(random_bytes(8), "big")
         self._conn_timer: dict[bytes, float] = {}
         self._next_housekeeping = now + HOUSEKEEPING_INTERVAL
         self.drops: Counter[str] = Counter()
@@ -260,17 +263,19 @@ class Endpoint:
             self.drops["oversize"] += 1
             return
         try:
-            h = pull_header(data)
+            ftype, src, dst, sid, pn = pull_header_fields(data)
         except DecodeError as exc:
             self.drops[_decode_reason(exc)] += 1
             return
-        if h.src == self.cell_id:
+        if src == self.cell_id:
             self.drops["reflected"] += 1
             return
+        if ftype == FrameType.DATA:
+            self._on_data(src, dst, sid, pn, data, addr, now)
+            return
+        h = pull_header(data)  # the full record, for the (rare) handshake frames
         t = h.type
-        if t is FrameType.DATA:
-            self._on_data(h, data, addr, now)
-        elif t is FrameType.HANDSHAKE_INIT:
+        if t is FrameType.HANDSHAKE_INIT:
             self._on_init(h, data, addr, now)
         elif t is FrameType.HANDSHAKE_RESP:
             self._on_response(h, data, addr, now)
@@ -301,9 +306,10 @@ class Endpoint:
             t = min(t, heap[0][0])
         for ini in self._initiations.values():
             t = min(t, ini.next_send)
-        for p in self._peers.values():
-            if p.finish_frame is not None:
-                t = min(t, p.finish_next)
+        for cell in self._finishing:
+            fp = self._peers.get(cell)
+            if fp is not None and fp.finish_frame is not None:
+                t = min(t, fp.finish_next)
         return t
 
     def handle_timer(self, now: float) -> None:
@@ -382,7 +388,9 @@ class Endpoint:
         Raises `PeerUnreachableError` when there is neither a session with nor an address for
         `cell_id`; otherwise queues the ping behind a handshake if needed. Returns the ping id.
         """
-        ping_id = int.from_bytes(self._random_bytes(8), "big")
+        # A counter from a random start: ids need only be unique (a PONG is authenticated anyway).
+        self._ping_counter = (self._ping_counter + 1) % (1 << 64)
+        ping_id = self._ping_counter
         self._send_or_queue(cell_id, Ping(ping_id, data), now)
         return ping_id
 
@@ -624,15 +632,17 @@ class Endpoint:
 
     # ----------------------------------------------------------------- receive: DATA
 
-    def _on_data(self, h: FrameHeader, data: bytes, addr: Addr, now: float) -> None:
-        if h.dst != self.cell_id:
+    def _on_data(
+        self, src: bytes, dst: bytes, sid: int, pn: int, data: bytes, addr: Addr, now: float
+    ) -> None:
+        if dst != self.cell_id:
             self.drops["not_for_us"] += 1
             return
-        s = self._by_index.get(h.session_id)
+        s = self._by_index.get(sid)
         if s is None:
             self.drops["unknown_session"] += 1
             return
-        if h.src != s.peer.cell_id:
+        if src != s.peer.cell_id:
             self.drops["session_mismatch"] += 1
             return
         if now - s.created >= self.config.reject_after_seconds:
@@ -640,7 +650,7 @@ class Endpoint:
             return
         highest_before = s.replay.highest
         try:
-            plaintext = s.open(h.packet_number, associated_data(data), data[HEADER_LEN:], now)
+            plaintext = s.open(pn, associated_data(data), data[HEADER_LEN:], now)
         except (ReplayError, NonceExhaustedError):
             # NonceExhausted: a packet number at the very end of the space, which no honest peer
             # sends (it rekeys long before); an attacker who copied a header could.
@@ -654,7 +664,7 @@ class Endpoint:
             self.drops["unknown_session"] += 1
             return
         # Follow a peer that moved (roaming): only on an authenticated packet newer than any seen.
-        if addr != s.addr and (highest_before is None or h.packet_number > highest_before):
+        if addr != s.addr and (highest_before is None or pn > highest_before):
             s.addr = addr
             p.addr = addr
         if (
@@ -676,7 +686,7 @@ class Endpoint:
         try:
             msgs = pull_messages(plaintext)
             if p.conn is not None:
-                msgs = p.conn.on_packet(h.packet_number, msgs, now)
+                msgs = p.conn.on_packet(pn, msgs, now)
         except (DecodeError, RemoteProtocolError) as exc:
             self.drops["protocol_violation"] += 1
             self._seal_to(s, [Close(CloseCode.PROTOCOL_ERROR, str(exc)[:200])], now)
@@ -850,6 +860,7 @@ class Endpoint:
             )
             self._out.append((frame, addr))
             p.finish_frame = frame
+            self._finishing.add(p.cell_id)
             p.finish_started = now
             p.finish_attempts = 1
             p.finish_next = now + self._backoff(1)
@@ -1097,8 +1108,12 @@ class Endpoint:
             self._send_init(ini, now)
 
     def _retransmit_finishes(self, now: float) -> None:
-        for p in list(self._peers.values()):
-            if p.finish_frame is None or now < p.finish_next:
+        for cell in list(self._finishing):
+            p = self._peers.get(cell)
+            if p is None or p.finish_frame is None:
+                self._finishing.discard(cell)
+                continue
+            if now < p.finish_next:
                 continue
             if now - p.finish_started >= self.config.handshake_timeout:
                 p.finish_frame = None

@@ -150,6 +150,31 @@ def pull_header(buf: bytes | bytearray | memoryview) -> FrameHeader:
     return FrameHeader(FrameType(ftype), src, dst, sid, pn, plen, ttl, flags, channel)
 
 
+def pull_header_fields(buf: bytes | bytearray | memoryview) -> tuple[int, bytes, bytes, int, int]:
+    """Hot-path decoder: the same checks as `pull_header`, returning (type, src, dst, session id,
+    packet number) as a plain tuple instead of building a `FrameHeader`."""
+    n = len(buf)
+    if n < HEADER_LEN:
+        raise TruncatedError(f"frame of {n} bytes is shorter than the {HEADER_LEN}-byte header")
+    (ver, ftype, flags, _ttl, plen, frag, src, dst, sid, pn, _channel, rsvd) = _HEADER.unpack_from(
+        buf, 0
+    )
+    if ver != WIRE_VERSION:
+        raise VersionError(f"wire version {ver} is not supported (this node speaks {WIRE_VERSION})")
+    if ftype not in _FRAME_TYPES:
+        raise MalformedError(f"unknown frame type {ftype}")
+    if flags & ~KNOWN_FLAGS:
+        raise MalformedError(f"unknown flag bits 0x{flags:02x}")
+    if frag or rsvd:
+        raise MalformedError("reserved header fields must be zero")
+    body = n - HEADER_LEN
+    if plen > body:
+        raise TruncatedError(f"header announces {plen} payload bytes, {body} present")
+    if plen < body:
+        raise OversizeError(f"{body - plen} bytes of trailing junk after the payload")
+    return ftype, src, dst, sid, pn
+
+
 def associated_data(raw_header: bytes | bytearray | memoryview) -> bytes:
     """The AEAD associated data for a header: its 64 bytes with the mutable hop TTL zeroed."""
     ad = bytearray(raw_header[:HEADER_LEN])
