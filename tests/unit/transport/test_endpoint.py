@@ -568,3 +568,35 @@ def test_static_peer_is_redialled_after_it_comes_back() -> None:
     b, _ba = net.add(2)
     net.advance(40.0, tick=0.5)
     assert a.session_for(b.cell_id) is not None
+
+
+def test_peer_that_changes_address_keeps_its_session_and_traffic_follows() -> None:
+    net, a, aa, b, ba = connected_pair()
+    first = a.session_for(b.cell_id)
+    # B's NAT mapping changes: from now on its datagrams come from a new address.
+    new_ba = ("10.0.0.9", 4242)
+    del net.nodes[ba]
+    net.nodes[new_ba] = b
+    net.events[new_ba] = net.events.pop(ba)
+    b.send_datagram(a.cell_id, b"from my new address", net.now)
+    net.run()
+    assert a.session_for(b.cell_id) is first  # same session, same keys: bound to the CellID
+    (row,) = a.peers(net.now)
+    assert row.addr == new_ba
+    pid = a.send_ping(b.cell_id, net.now)
+    net.run()
+    assert any(isinstance(e, PingReply) and e.ping_id == pid for e in net.events[aa])
+
+
+def test_replayed_old_frame_from_a_spoofed_address_does_not_redirect_traffic() -> None:
+    net, a, _aa, b, ba = connected_pair()
+    b.send_datagram(a.cell_id, b"one", net.now)
+    ((old, _),) = b.datagrams_to_send()
+    a.receive_datagram(old, ba, net.now)
+    b.send_datagram(a.cell_id, b"two", net.now)
+    net.run()
+    # An attacker replays the older frame from elsewhere: dropped as a replay, address unchanged.
+    a.receive_datagram(old, ("10.66.6.6", 666), net.now)
+    assert a.statistics().drops["replay"] == 1
+    (row,) = a.peers(net.now)
+    assert row.addr == ba
