@@ -1138,6 +1138,8 @@ class Endpoint:
             if p.current is s:
                 last = p.detector.last_heartbeat if p.detector is not None else s.last_recv
                 if now - max(last, s.last_recv) >= cfg.idle_timeout:
+                    phi = p.detector.phi(now) if p.detector is not None else 0.0
+                    self._events.append(PeerStateChanged(p.cell_id, "dead", phi))
                     self._drop_peer(p, "peer silent (idle timeout)")
                     continue
                 if p.detector is not None and not p.suspect:
