@@ -1,0 +1,1 @@
+"""Test tooling that ships with cellmesh: network namespaces for multi-host tests."""
