@@ -69,6 +69,9 @@ class CongestionController(Protocol):
     def on_lost(self, size: int, sent_time: float, now: float) -> None:
         """A packet was declared lost."""
 
+    def on_persistent_congestion(self, now: float) -> None:
+        """Nothing got through for several probe timeouts: forget what we knew of the path."""
+
 
 class NewReno:
     """RFC 9002 NewReno: slow start, additive increase, halve on a congestion event."""
@@ -108,6 +111,11 @@ class NewReno:
         self.cwnd = max(self.cwnd // 2, MIN_WINDOW_PACKETS * self.mss)
         self.ssthresh = self.cwnd
 
+    def on_persistent_congestion(self, now: float) -> None:
+        # RFC 9002 section 7.6.2: collapse to the minimum window.
+        self._recovery_start = now
+        self.cwnd = MIN_WINDOW_PACKETS * self.mss
+
 
 class BbrLite:
     """A model-based controller in the spirit of BBR. See the module docstring."""
@@ -131,14 +139,18 @@ class BbrLite:
         self._round_lost = 0
         self._round_acked = 0
         self.inflight_hi = float("inf")
+        self.bw_lo = float("inf")  # lowered on lossy rounds so the pacing rate yields too
         self._delivered = 0
 
     # --- model
 
+    def _bw(self) -> float:
+        return min(self.btl_bw, self.bw_lo)
+
     def _bdp(self) -> float:
         if self.btl_bw <= 0 or self.min_rtt == float("inf"):
             return float(INITIAL_WINDOW_PACKETS * self.mss)
-        return self.btl_bw * self.min_rtt
+        return self._bw() * self.min_rtt
 
     def _gains(self) -> tuple[float, float]:
         if self.state == "startup":
@@ -151,7 +163,7 @@ class BbrLite:
         gain, _ = self._gains()
         if self.btl_bw <= 0:
             return gain * self.cwnd / max(rtt.smoothed, 1e-4)
-        return gain * self.btl_bw
+        return gain * self._bw()
 
     def on_sent(self, size: int, now: float) -> None:
         return
@@ -194,12 +206,22 @@ class BbrLite:
         self._next_round_delivered = delivered
         total = self._round_lost + self._round_acked
         if total >= 8 and self._round_lost / total > LOSS_THRESHOLD:
-            # Real congestion: cap what we keep in flight, and leave startup.
+            # Real congestion (BBRv2 style): cap what we keep in flight and the rate we pace at,
+            # so a flow that filled a shallow queue yields to the others; and leave startup.
             self.inflight_hi = max(0.7 * self.cwnd, MIN_WINDOW_PACKETS * self.mss)
+            self.bw_lo = max(0.85 * self._bw(), 1.0) if self.btl_bw > 0 else self.bw_lo
             if self.state == "startup":
                 self.state = "drain"
-        elif self.inflight_hi != float("inf"):
-            self.inflight_hi += self.mss  # probe back up slowly once losses subside
+        else:
+            # A clean round: probe back up multiplicatively, and drop the caps once past them.
+            if self.inflight_hi != float("inf"):
+                self.inflight_hi *= 1.25
+                if self.inflight_hi > 4 * self._bdp() + AGGREGATION_FLOOR:
+                    self.inflight_hi = float("inf")
+            if self.bw_lo != float("inf"):
+                self.bw_lo *= 1.1
+                if self.bw_lo >= self.btl_bw:
+                    self.bw_lo = float("inf")
         self._round_lost = 0
         self._round_acked = 0
         if self.state == "startup":
@@ -227,6 +249,18 @@ class BbrLite:
 
     def on_lost(self, size: int, sent_time: float, now: float) -> None:
         self._round_lost += 1
+
+    def on_persistent_congestion(self, now: float) -> None:
+        # The path went away: whatever we measured is stale. Start over, conservatively.
+        self.state = "startup"
+        self._bw_samples.clear()
+        self.btl_bw = 0.0
+        self.bw_lo = float("inf")
+        self.inflight_hi = float("inf")
+        self._full_bw = 0.0
+        self._full_bw_rounds = 0
+        self.min_rtt = float("inf")
+        self.cwnd = INITIAL_WINDOW_PACKETS * self.mss
 
 
 def make_controller(name: str, mss: int) -> CongestionController:

@@ -62,12 +62,18 @@ PMTU_RAISE_INTERVAL = 600.0
 MAX_ACK_DELAY = 0.025
 ACK_EVERY = 4
 PACKET_THRESHOLD = 3
+PERSISTENT_CONGESTION_PTOS = 3
 MAX_PTO_BACKOFF = 6
 STREAM_LIMIT_ERROR = 5
 STREAM_STATE_ERROR = 6
 _STREAM_OVERHEAD = 3 + 13  # record header + STREAM head
 _MSG_OVERHEAD = 3 + 8
 _U64_LIMIT = 2**62
+
+
+def _check_code(code: int) -> None:
+    if not 0 <= code <= 0xFFFF:
+        raise LocalProtocolError(f"stream error codes are 16-bit (0-65535), got {code}")
 
 
 @dataclass(frozen=True, slots=True)
@@ -180,12 +186,14 @@ class Connection:
         self._big_losses = 0
         self._last_big_ack = now
         self._largest_sent = -1
+        self._last_pto_time = -1.0
 
     # ------------------------------------------------------------------ application API
 
     def open_stream(self) -> int:
         """Open a new outgoing stream; returns its id."""
-        if len(self._send) >= self.params.max_streams:
+        mine = sum(1 for sid in self._send if sid % 2 == self._local_parity)
+        if mine >= self.params.max_streams:
             raise LocalProtocolError(f"at most {self.params.max_streams} open streams")
         sid = self._next_local
         self._next_local += 2
@@ -217,6 +225,7 @@ class Connection:
 
     def reset_stream(self, sid: int, code: int) -> None:
         """Abandon sending on `sid` and tell the peer."""
+        _check_code(code)
         s = self._send.get(sid)
         if s is None or s.reset_code is not None:
             return
@@ -226,6 +235,7 @@ class Connection:
 
     def stop_sending(self, sid: int, code: int) -> None:
         """We will not read `sid` any more: ask the peer to reset it."""
+        _check_code(code)
         r = self._recv.get(sid)
         if r is None or r.reset_code is not None:
             return
@@ -260,9 +270,8 @@ class Connection:
     @property
     def max_message(self) -> int:
         """The largest reliable message: one message travels in one packet."""
-        return min(
-            self.params.max_message, self.params.max_datagram - HEADER_AND_TAG - _MSG_OVERHEAD
-        )
+        # One message travels in one packet, and a path can always fall back to the base MTU.
+        return min(self.params.max_message, BASE_MTU - HEADER_AND_TAG - _MSG_OVERHEAD)
 
     def queue_control(self, record: bytes) -> None:
         """An unreliable record (PING, PONG, CLOSE, KEEPALIVE, APP) for the next packet."""
@@ -303,7 +312,12 @@ class Connection:
                     self._seen_msgs.add(m.msg_id, m.msg_id + 1)
                     self.events.append(("message", m.data))
             elif isinstance(m, MaxData):
-                self._peer_max_data = max(self._peer_max_data, m.maximum)
+                if m.maximum > self._peer_max_data:
+                    self._peer_max_data = m.maximum
+                    # Streams that stopped for lack of connection credit may go again.
+                    for sid, snd in self._send.items():
+                        if sid not in self._rr and snd.has_data():
+                            self._rr.append(sid)
             elif isinstance(m, MaxStreamData):
                 s = self._send.get(m.stream_id)
                 if s is not None:
@@ -379,6 +393,8 @@ class Connection:
         if data or fin:
             self.stats.stream_bytes_received += len(data)
             self.events.append(("data", m.stream_id, data, fin))
+        if fin:
+            self._maybe_forget(m.stream_id)
 
     def _on_reset(self, m: ResetStream) -> None:
         r = self._stream_for_peer_frame(m.stream_id)
@@ -386,6 +402,22 @@ class Connection:
             return
         if r.final_size is not None and r.final_size != m.final_size:
             raise RemoteProtocolError("RESET_STREAM final size differs", 4)
+        if m.final_size < r.highest:
+            raise RemoteProtocolError("RESET_STREAM final size below data already received", 4)
+        if m.final_size > r.max_data:
+            raise RemoteProtocolError("RESET_STREAM final size beyond the flow-control limit", 3)
+        # The peer used credit up to final_size and will never send the rest: count it received,
+        # and count everything the application will now never read as consumed, so the
+        # connection window is not leaked by resets.
+        self._recv_total += m.final_size - r.highest
+        r.highest = m.final_size
+        if self._recv_total > self._local_max_data:
+            raise RemoteProtocolError("peer exceeded the connection flow-control limit", 3)
+        unread = m.final_size - r.consumed
+        r.consumed = m.final_size
+        r.delivered = max(r.delivered, m.final_size)
+        if unread > 0:
+            self.consumed(-1, unread)
         r.reset_code = m.code
         self.events.append(("reset", m.stream_id, m.code, True))
         # Stop sending on our half too: the peer has gone away from this stream.
@@ -438,7 +470,8 @@ class Connection:
         self._delivered += p.size
         self._delivered_time = now
         sample: RateSample | None = None
-        if p.in_flight:
+        # A sample spanning a probe timeout measures the outage, not the path: ignore it.
+        if p.in_flight and p.time > self._last_pto_time:
             send_elapsed = p.time - p.first_sent_time
             ack_elapsed = self._delivered_time - p.delivered_time
             interval = max(send_elapsed, ack_elapsed)
@@ -556,7 +589,8 @@ class Connection:
     def _ack_record(self, now: float) -> bytes | None:
         if not self._received:
             return None
-        ranges = tuple(self._received.descending(64))
+        # A range length is u32 on the wire: report at most the top 2**32-1 of a very long run.
+        ranges = tuple((max(a, b - 0xFFFFFFFF), b) for a, b in self._received.descending(64))
         delay = max(0.0, now - self._largest_received_time)
         return push_message(Ack(ranges, int(delay * 1e6)))
 
@@ -662,7 +696,8 @@ class Connection:
                 rate = self.cc.pacing_rate(self.rtt)
                 if rate > 0:
                     # Allow a small burst (timer granularity in an event loop is ~1 ms).
-                    self._next_send_time = max(self._next_send_time, now - 0.002) + size / rate
+                    gap = min(size / rate, max(self.rtt.smoothed, 0.001))  # never park for long
+                    self._next_send_time = max(self._next_send_time, now - 0.002) + gap
         self.stats.packets_sent += 1
         self._largest_sent = max(self._largest_sent, pn)
         return plaintext
@@ -746,11 +781,7 @@ class Connection:
         if self._has_reliable_work() and self._cwnd_open() and self._next_send_time > now:
             t = self._next_send_time if t is None else min(t, self._next_send_time)
         probe_at = self._pmtu_next_probe
-        if (
-            not self._pmtu_in_flight
-            and self._pmtu_index < len(PMTU_CANDIDATES)
-            and (self.mtu < self.params.max_datagram)
-        ):
+        if not self._pmtu_in_flight and self.mtu < self.params.max_datagram:
             t = probe_at if t is None else min(t, probe_at)
         return t
 
@@ -767,6 +798,15 @@ class Connection:
                 self._pto_count += 1
                 self.stats.pto_count_total += 1
                 self._probes_due = 2
+                self._last_pto_time = now
+                if self._pto_count >= 2 and self.mtu > BASE_MTU:
+                    # Big packets may be vanishing (a black hole before any ACK could tell us):
+                    # probe with base-size packets until the path answers again.
+                    self._set_mtu(BASE_MTU)
+                    self._pmtu_index = 0
+                    self._pmtu_next_probe = now + PMTU_RAISE_INTERVAL / 10
+                if self._pto_count == PERSISTENT_CONGESTION_PTOS:
+                    self.cc.on_persistent_congestion(now)
                 # Re-send the oldest outstanding data in the probe rather than only new data.
                 oldest = next((p for p in self._sent.values() if p.frames), None)
                 if oldest is not None:

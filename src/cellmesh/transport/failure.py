@@ -36,7 +36,7 @@ class PhiAccrual:
         """A packet arrived."""
         gap = now - self._last
         self._last = now
-        if gap <= 0:
+        if not 0 < gap < 1e9:
             return
         self._intervals.append(gap)
         self._sum += gap
@@ -49,8 +49,11 @@ class PhiAccrual:
     def phi(self, now: float) -> float:
         """How suspicious the silence since the last heartbeat is (0 = not at all)."""
         n = len(self._intervals)
-        mean = (self._sum / n if n else 1.0) + self.acceptable_pause
-        var = self._sum_sq / n - (self._sum / n) ** 2 if n else 0.0
+        avg = self._sum / n if n else 1.0
+        mean = avg + self.acceptable_pause
+        var = self._sum_sq / n - avg * avg if n else 0.0
+        if not (math.isfinite(mean) and math.isfinite(var)):
+            return 0.0 if now - self._last < self.acceptable_pause else float("inf")
         std = max(math.sqrt(max(var, 0.0)), MIN_STD)
         # Clamped: far inside or far beyond the expected gap the answer is 0 or "certain" anyway,
         # and exp() of a large argument would overflow.

@@ -89,6 +89,13 @@ class RangeSet:
             return self._ends[i]
         return x
 
+    def next_start_after(self, x: int) -> int | None:
+        """The start of the first range that begins after x, or None."""
+        from bisect import bisect_right
+
+        i = bisect_right(self._starts, x)
+        return self._starts[i] if i < len(self._starts) else None
+
     def remove_below(self, x: int) -> None:
         """Forget everything below x."""
         while self._starts and self._ends[0] <= x:

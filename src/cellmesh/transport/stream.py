@@ -44,7 +44,8 @@ class SendStream:
         self.base = 0  # everything below is acknowledged and forgotten
         self.next_offset = 0  # first byte never sent
         self.max_data = max_data  # peer's MAX_STREAM_DATA
-        self.acked = RangeSet(limit=4096)
+        # Bounded by the window divided by the smallest packet; trimming would stall the base.
+        self.acked = RangeSet(limit=1 << 16)
         self._retransmit = RangeSet(limit=1 << 20)
         self.fin_written = False
         self.fin_sent = False
@@ -99,6 +100,9 @@ class SendStream:
             if start >= end:
                 continue
             stop = min(end, start + max_len)
+            acked_next = self.acked.next_start_after(start)
+            if acked_next is not None and acked_next < stop:
+                stop = acked_next  # do not resend bytes the peer already has
             if stop < end:
                 self._retransmit.add(stop, end)
             return start, bytes(self._buf[start - self.base : stop - self.base]), False, False
@@ -151,6 +155,7 @@ class RecvStream:
     """The receiving half of one stream."""
 
     __slots__ = (
+        "_buffered",
         "_chunks",
         "_offsets",
         "consumed",
@@ -176,6 +181,7 @@ class RecvStream:
         self.reset_code: int | None = None
         self._chunks: dict[int, bytes] = {}
         self._offsets: list[int] = []
+        self._buffered = RangeSet(limit=1 << 20)  # what the chunks cover: they never overlap
 
     def on_frame(self, offset: int, data: bytes, fin: bool) -> tuple[bytes, bool]:
         """Take a STREAM frame; return (bytes now deliverable in order, fin reached).
@@ -203,14 +209,19 @@ class RecvStream:
         if self.reset_code is not None:
             return b"", False
         if end > self.delivered and data:
-            if offset < self.delivered:
-                data = data[self.delivered - offset :]
-                offset = self.delivered
-            existing = self._chunks.get(offset)
-            if existing is None or len(existing) < len(data):
-                if existing is None:
-                    insort(self._offsets, offset)
-                self._chunks[offset] = data
+            # Keep only the parts no buffered chunk covers yet, so overlapping retransmissions
+            # cannot make buffering exceed the window.
+            pos = max(offset, self.delivered)
+            while pos < end:
+                pos = self._buffered.first_gap_from(pos)
+                if pos >= end:
+                    break
+                nxt = self._buffered.next_start_after(pos)
+                stop = end if nxt is None else min(end, nxt)
+                self._chunks[pos] = data[pos - offset : stop - offset]
+                insort(self._offsets, pos)
+                self._buffered.add(pos, stop)
+                pos = stop
         out = bytearray()
         while self._offsets:
             first = self._offsets[0]
@@ -222,6 +233,7 @@ class RecvStream:
             if chunk_end > self.delivered:
                 out += chunk[self.delivered - first :]
                 self.delivered = chunk_end
+        self._buffered.remove_below(self.delivered)
         fin_now = (
             not self.fin_delivered
             and self.final_size is not None

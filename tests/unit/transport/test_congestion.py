@@ -1,0 +1,296 @@
+"""Unit tests for `cellmesh.transport.congestion`: NewReno, BbrLite and `make_controller` (pure)."""
+
+from __future__ import annotations
+
+import pytest
+
+from cellmesh.transport.congestion import (
+    AGGREGATION_FLOOR,
+    BW_WINDOW_ROUNDS,
+    INITIAL_WINDOW_PACKETS,
+    LOSS_THRESHOLD,
+    MIN_RTT_EXPIRY,
+    MIN_WINDOW_PACKETS,
+    STARTUP_GAIN,
+    BbrLite,
+    CongestionController,
+    NewReno,
+    RateSample,
+    make_controller,
+)
+from cellmesh.transport.rtt import RttEstimator
+
+MSS = 1200
+
+
+# ---------------------------------------------------------------------------------- NewReno
+
+
+def test_reno_initial_state() -> None:
+    cc = NewReno(MSS)
+    assert cc.name == "reno"
+    assert cc.cwnd == INITIAL_WINDOW_PACKETS * MSS
+    assert cc.ssthresh == float("inf")
+
+
+def test_reno_slow_start_grows_by_each_acked_packet() -> None:
+    cc = NewReno(MSS)
+    start = cc.cwnd
+    for i in range(10):
+        cc.on_acked(MSS, sent_time=1.0 + i * 0.001, sample=None, now=1.1, in_flight=0)
+    assert cc.cwnd == start + 10 * MSS  # doubles per round trip of acknowledged window
+
+
+def test_reno_halves_once_per_congestion_event() -> None:
+    cc = NewReno(MSS)
+    cc.cwnd = 100 * MSS
+    cc.on_lost(MSS, sent_time=1.0, now=2.0)
+    assert cc.cwnd == 50 * MSS
+    assert cc.ssthresh == 50 * MSS
+    # More losses from the same flight (sent before the recovery started): no further cut.
+    for sent in (1.0, 1.5, 1.99, 2.0):
+        cc.on_lost(MSS, sent_time=sent, now=2.1)
+    assert cc.cwnd == 50 * MSS
+    # A packet sent after the recovery began is a new congestion event.
+    cc.on_lost(MSS, sent_time=2.05, now=3.0)
+    assert cc.cwnd == 25 * MSS
+    assert cc.ssthresh == 25 * MSS
+
+
+def test_reno_never_goes_below_the_minimum_window() -> None:
+    cc = NewReno(MSS)
+    for i in range(10):
+        cc.on_lost(MSS, sent_time=10.0 + i, now=10.5 + i)
+    assert cc.cwnd == MIN_WINDOW_PACKETS * MSS
+
+
+def test_reno_acks_from_before_the_recovery_do_not_grow_the_window() -> None:
+    cc = NewReno(MSS)
+    cc.cwnd = 40 * MSS
+    cc.on_lost(MSS, sent_time=1.0, now=2.0)
+    after = cc.cwnd
+    for _ in range(50):
+        cc.on_acked(MSS, sent_time=1.5, sample=None, now=2.2, in_flight=0)
+    assert cc.cwnd == after
+
+
+def test_reno_congestion_avoidance_adds_one_mss_per_window() -> None:
+    cc = NewReno(MSS)
+    cc.cwnd = 20 * MSS
+    cc.on_lost(MSS, sent_time=1.0, now=2.0)
+    assert cc.cwnd == cc.ssthresh == 10 * MSS
+    for _ in range(9):
+        cc.on_acked(MSS, sent_time=3.0, sample=None, now=3.1, in_flight=0)
+    assert cc.cwnd == 10 * MSS  # not a full window acknowledged yet
+    cc.on_acked(MSS, sent_time=3.0, sample=None, now=3.1, in_flight=0)
+    assert cc.cwnd == 11 * MSS
+
+
+def test_reno_pacing_rate() -> None:
+    cc = NewReno(MSS)
+    rtt = RttEstimator()
+    rtt.update(0.05, 0.0, 0.025)
+    assert cc.pacing_rate(rtt) == pytest.approx(1.25 * cc.cwnd / 0.05)
+
+
+# ---------------------------------------------------------------------------------- BbrLite
+
+
+class BbrDriver:
+    """Feeds a BbrLite whole rounds of acknowledgements with a given delivery rate and RTT.
+
+    The first ack of each round carries a `prior_delivered` at or beyond what was delivered when
+    the previous round ended, so each `round()` call is exactly one BBR round.
+    """
+
+    def __init__(self, mss: int = MSS) -> None:
+        self.cc = BbrLite(mss)
+        self.mss = mss
+        self.delivered = 0
+        self.now = 0.0
+
+    def round(
+        self,
+        rate: float,
+        rtt: float,
+        acks: int = 20,
+        lost: int = 0,
+        in_flight: int = 0,
+        app_limited: bool = False,
+    ) -> None:
+        for i in range(acks):
+            prior = self.delivered if i == 0 else 0
+            self.delivered += self.mss
+            self.now += rtt / acks
+            sample = RateSample(rate, self.delivered, prior, app_limited, rtt)
+            self.cc.on_acked(self.mss, self.now - rtt, sample, self.now, in_flight)
+            if i == 0:
+                for _ in range(lost):
+                    self.cc.on_lost(self.mss, self.now - rtt, self.now)
+
+
+def test_bbr_initial_state() -> None:
+    cc = BbrLite(MSS)
+    assert cc.name == "bbr"
+    assert cc.state == "startup"
+    assert cc.cwnd == INITIAL_WINDOW_PACKETS * MSS
+    rtt = RttEstimator()
+    rtt.update(0.1, 0.0, 0.025)
+    # Without a bandwidth sample it paces the initial window over an RTT, with the startup gain.
+    assert cc.pacing_rate(rtt) == pytest.approx(STARTUP_GAIN * cc.cwnd / 0.1)
+
+
+def test_bbr_one_round_per_driver_round() -> None:
+    d = BbrDriver()
+    for k in range(1, 6):
+        d.round(1e6, 0.02)
+        assert d.cc.round == k
+
+
+def test_bbr_bandwidth_is_the_max_over_the_last_ten_rounds() -> None:
+    d = BbrDriver()
+    rates = [1e6, 2e6, 1.5e6, 5e6] + [1e6] * 14 + [3e6, 0.5e6, 0.5e6]
+    for k, rate in enumerate(rates):
+        d.round(rate, 0.02)
+        window = rates[max(0, k - BW_WINDOW_ROUNDS + 1) : k + 1]
+        assert d.cc.btl_bw == max(window), k
+
+
+def test_bbr_bandwidth_forgets_a_peak_after_exactly_ten_rounds() -> None:
+    d = BbrDriver()
+    d.round(8e6, 0.02)
+    for _ in range(BW_WINDOW_ROUNDS - 1):
+        d.round(1e6, 0.02)
+        assert d.cc.btl_bw == 8e6
+    d.round(1e6, 0.02)
+    assert d.cc.btl_bw == 1e6
+
+
+def test_bbr_app_limited_samples_do_not_lower_the_estimate_but_may_raise_it() -> None:
+    d = BbrDriver()
+    d.round(4e6, 0.02)
+    for _ in range(15):
+        d.round(1e6, 0.02, app_limited=True)
+    assert d.cc.btl_bw == 4e6  # app-limited samples below the estimate are ignored
+    d.round(6e6, 0.02, app_limited=True)
+    assert d.cc.btl_bw == 6e6
+
+
+def test_bbr_leaves_startup_when_bandwidth_stops_growing_and_cruises() -> None:
+    d = BbrDriver()
+    for _ in range(10):
+        d.round(10e6, 0.05)
+    assert d.cc.state == "probe_bw"
+
+
+def test_bbr_cwnd_is_two_bdp_in_probe_bw() -> None:
+    d = BbrDriver()
+    for _ in range(12):
+        d.round(10e6, 0.05)
+    assert d.cc.state == "probe_bw"
+    assert d.cc.min_rtt == pytest.approx(0.05)
+    bdp = 10e6 * 0.05
+    assert d.cc.cwnd == pytest.approx(2 * bdp, rel=1e-6)
+    rtt = RttEstimator()
+    gain = d.cc.pacing_rate(rtt) / 10e6
+    assert any(gain == pytest.approx(g) for g in (0.75, 1.0, 1.25))
+
+
+def test_bbr_cwnd_has_the_aggregation_floor_on_tiny_bdp_paths() -> None:
+    d = BbrDriver()
+    for _ in range(12):
+        d.round(100_000.0, 0.001)  # BDP = 100 bytes
+    assert d.cc.state == "probe_bw"
+    assert d.cc.cwnd == AGGREGATION_FLOOR
+
+
+def test_bbr_startup_cwnd_uses_the_startup_gain() -> None:
+    d = BbrDriver()
+    d.round(10e6, 0.05)
+    d.round(20e6, 0.05)
+    assert d.cc.state == "startup"
+    assert d.cc.cwnd == pytest.approx(STARTUP_GAIN * 20e6 * 0.05, rel=1e-6)
+
+
+def test_bbr_random_loss_below_threshold_does_not_reduce_cwnd() -> None:
+    clean, lossy = BbrDriver(), BbrDriver()
+    for _ in range(30):
+        clean.round(10e6, 0.05, acks=20)
+        lossy.round(10e6, 0.05, acks=20, lost=2)  # 2 / 22 ~ 9% < 15%
+    assert LOSS_THRESHOLD > 2 / 22
+    assert lossy.cc.inflight_hi == float("inf")
+    assert lossy.cc.cwnd == clean.cc.cwnd
+    assert lossy.cc.btl_bw == clean.cc.btl_bw
+
+
+def test_bbr_heavy_loss_round_caps_inflight_and_leaves_startup() -> None:
+    d = BbrDriver()
+    d.round(10e6, 0.05)
+    d.round(20e6, 0.05)
+    assert d.cc.state == "startup"
+    before = d.cc.cwnd
+    d.round(20e6, 0.05, acks=20, lost=6)  # 6 / 26 ~ 23% > 15%
+    d.round(20e6, 0.05)  # the round with the losses ends here
+    assert d.cc.inflight_hi == pytest.approx(0.7 * before)
+    assert d.cc.cwnd <= d.cc.inflight_hi
+    assert d.cc.state in {"drain", "probe_bw"}
+    # Once losses subside the ceiling grows back multiplicatively (x1.25 per clean round, BBRv2
+    # style), and the pacing cap lifted with it, until neither binds any more.
+    hi = d.cc.inflight_hi
+    d.round(20e6, 0.05)
+    assert d.cc.inflight_hi in (pytest.approx(1.25 * hi), float("inf"))
+    for _ in range(20):
+        d.round(20e6, 0.05)
+    assert d.cc.inflight_hi == float("inf")
+    assert d.cc.bw_lo == float("inf")
+
+
+def test_bbr_few_packets_in_a_round_are_not_judged_for_loss() -> None:
+    d = BbrDriver()
+    d.round(1e6, 0.05, acks=2, lost=3)  # 5 packets < 8: too few to call it congestion
+    d.round(1e6, 0.05, acks=2)
+    assert d.cc.inflight_hi == float("inf")
+
+
+def test_bbr_min_rtt_tracks_the_minimum_and_expires() -> None:
+    d = BbrDriver()
+    d.round(1e6, 0.05)
+    d.round(1e6, 0.03)
+    d.round(1e6, 0.08)
+    assert d.cc.min_rtt == pytest.approx(0.03)
+    d.now += MIN_RTT_EXPIRY + 1
+    d.round(1e6, 0.08)
+    assert d.cc.min_rtt == pytest.approx(0.08)
+
+
+def test_bbr_on_acked_without_a_sample_only_counts() -> None:
+    cc = BbrLite(MSS)
+    cwnd = cc.cwnd
+    cc.on_acked(MSS, 0.0, None, 0.1, 0)
+    assert cc.cwnd == cwnd
+    assert cc.btl_bw == 0.0
+
+
+def test_bbr_cwnd_never_below_minimum_window() -> None:
+    d = BbrDriver()
+    for _ in range(5):
+        d.round(1000.0, 0.001, acks=20, lost=10)
+    assert d.cc.cwnd >= MIN_WINDOW_PACKETS * MSS
+
+
+# ---------------------------------------------------------------------------------- factory
+
+
+@pytest.mark.parametrize(("name", "cls"), [("reno", NewReno), ("bbr", BbrLite)])
+def test_make_controller(name: str, cls: type) -> None:
+    cc: CongestionController = make_controller(name, 1400)
+    assert isinstance(cc, cls)
+    assert cc.name == name
+    assert cc.mss == 1400
+    assert cc.cwnd == INITIAL_WINDOW_PACKETS * 1400
+
+
+@pytest.mark.parametrize("name", ["", "cubic", "BBR", "Reno", "bbr "])
+def test_make_controller_unknown_name(name: str) -> None:
+    with pytest.raises(ValueError, match="unknown congestion controller"):
+        make_controller(name, 1200)
