@@ -21,12 +21,14 @@ from rich.table import Table
 
 from cellmesh.cli.chaos_cmd import chaos_relay
 from cellmesh.cli.config_options import config_options, overrides_from
+from cellmesh.cli.transfer_cmds import cp_cmd, recv_cmd, send_cmd
 from cellmesh.errors import CellmeshError, PeerUnreachableError
 from cellmesh.identity.cellid import format_cell_id, parse_cell_id
 from cellmesh.node.control import ControlClient, ControlServer
 from cellmesh.node.home import NodeHome
 from cellmesh.node.logs import configure_logging
 from cellmesh.node.node import Node, env_snapshot
+from cellmesh.node.transfer import TransferService
 
 T = TypeVar("T")
 # When piped, rich would wrap at 80 columns and split CellIDs: give tables room instead.
@@ -174,15 +176,19 @@ def node_cmd(obj: Ctx, /, **flags: Any) -> None:
 
     async def main() -> None:
         node = Node(identity, config)
-        server = ControlServer(node, obj.home.control_socket_path)
-        await server.start()
+        transfers = TransferService(node, obj.home.inbox_path)
+        server = ControlServer(node, obj.home.control_socket_path, transfers)
+        await server.start()  # first: it refuses if another node already runs on this home
         try:
+            # Before the node takes packets: its start cleans partial files of a killed run.
+            await transfers.start()
             await node.start()
             loop = asyncio.get_running_loop()
             for sig in (signal.SIGINT, signal.SIGTERM):
                 loop.add_signal_handler(sig, node.request_stop)
             await node.serve_forever()
         finally:
+            await transfers.stop()
             await server.stop()
             await node.stop()
 
@@ -346,6 +352,9 @@ def demo_cmd(nodes: int, pings: int) -> None:
 
 
 cli.add_command(chaos_relay)
+cli.add_command(cp_cmd)
+cli.add_command(send_cmd)
+cli.add_command(recv_cmd)
 
 
 def main() -> None:

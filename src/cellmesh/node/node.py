@@ -264,7 +264,7 @@ class Node:
                 return
             self._streams[(ev.cell_id, ev.stream_id)] = st
         elif isinstance(ev, StreamReset):
-            st = self._streams.get((ev.cell_id, ev.stream_id))
+            st = self._streams.pop((ev.cell_id, ev.stream_id), None)
             if st is not None:
                 who = "the peer" if ev.by_peer else "us"
                 st._fail(StreamError(f"stream reset by {who} (code {ev.code})", ev.code))
@@ -419,6 +419,11 @@ class Node:
             st._fail(exc)
             raise
         self._pump()
+
+    def _stream_eof(self, st: Stream) -> None:
+        """The application read to the end of the stream."""
+        if st._acknowledged.is_set():
+            self._streams.pop((st.cell_id, st.stream_id), None)  # both halves are finished
 
     def _stream_consumed(self, st: Stream, n: int) -> None:
         if st.at_eof and st._acknowledged.is_set():

@@ -58,6 +58,8 @@ class Stream:
     def _fail(self, error: CellmeshError) -> None:
         if self._error is None:
             self._error = error
+        # Unread bytes are abandoned (the transport returns their flow credit on the reset).
+        self._chunks.clear()
         self._readable.set()
         self._writable.set()
         self._acknowledged.set()
@@ -74,6 +76,7 @@ class Stream:
         """Up to `n` bytes; b"" once the peer has finished the stream."""
         while not self._chunks:
             if self._eof:
+                self._node._stream_eof(self)
                 return b""
             if self._error is not None:
                 raise self._error

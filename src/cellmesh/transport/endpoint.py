@@ -119,6 +119,10 @@ RESPONDER_REKEY_DELAY = 10.0
 MAX_KNOWN_PEERS = 65536
 # Packets one flush may emit before yielding to the driver (the rest follow on an immediate timer).
 MAX_BURST = 64
+# A peer with data outstanding that answers none of this many probe timeouts, and has been silent
+# at least UNRESPONSIVE_FLOOR seconds (or idle_timeout, if shorter), is declared dead.
+DEAD_AFTER_PTOS = 6
+UNRESPONSIVE_FLOOR = 15.0
 STATIC_CHECK_INTERVAL = 5.0
 STATIC_MAX_BACKOFF = 30.0
 # The largest plaintext one DATA frame may carry.
@@ -1141,6 +1145,21 @@ class Endpoint:
                     phi = p.detector.phi(now) if p.detector is not None else 0.0
                     self._events.append(PeerStateChanged(p.cell_id, "dead", phi))
                     self._drop_peer(p, "peer silent (idle timeout)")
+                    continue
+                silent = now - max(last, s.last_recv)
+                if (
+                    p.conn is not None
+                    and p.conn.pto_count >= DEAD_AFTER_PTOS
+                    and silent >= min(cfg.idle_timeout, UNRESPONSIVE_FLOOR)
+                ):
+                    # Data is outstanding and repeated probes went unanswered: the peer is gone.
+                    # (An idle peer is only judged by idle_timeout; this catches dead peers in
+                    # the middle of a transfer much sooner.)
+                    phi = p.detector.phi(now) if p.detector is not None else 0.0
+                    if not p.suspect:
+                        self._events.append(PeerStateChanged(p.cell_id, "suspect", phi))
+                    self._events.append(PeerStateChanged(p.cell_id, "dead", phi))
+                    self._drop_peer(p, f"peer unresponsive ({p.conn.pto_count} probes unanswered)")
                     continue
                 if p.detector is not None and not p.suspect:
                     phi = p.detector.phi(now)
