@@ -214,7 +214,7 @@ def _ms(v: float | None) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
 def peers_cmd(obj: Ctx, as_json: bool) -> None:
-    """List connected peers: CellID, address, RTT, session age, traffic."""
+    """List connected peers: CellID, address, state, RTT, path MTU, session age, traffic, losses."""
     rows: list[dict[str, Any]] = _call(obj, "peers")
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -223,16 +223,19 @@ def peers_cmd(obj: Ctx, as_json: bool) -> None:
         err.print("no peers connected")
         return
     t = Table(box=None, header_style="bold")
-    for col in ("CellID", "address", "RTT", "session age", "in", "out"):
+    for col in ("CellID", "address", "state", "RTT", "MTU", "session age", "in", "out", "lost"):
         t.add_column(col, no_wrap=True)
     for r in rows:
         t.add_row(
             r["cell_id"],
             r["address"],
+            r["state"] if r["state"] == "alive" else f"[yellow]{r['state']}[/]",
             _ms(r["rtt_ms"]),
+            str(r["mtu"]),
             f"{r['session_age_s']:.0f} s",
             f"{r['packets_in']} pkt / {r['bytes_in']} B",
             f"{r['packets_out']} pkt / {r['bytes_out']} B",
+            str(r["packets_lost"]),
         )
     out.print(t)
 
