@@ -137,7 +137,7 @@ def test_node_survives_malformed_replayed_and_flooded_traffic(
         peer.ep.send_datagram(node_cell, bytes([i]) * 100, time.monotonic())
     peer.pump(0.2)
     captured = [f for f in peer.sent if f[1] == FrameType.DATA]
-    assert len(captured) >= 20
+    assert len(captured) >= 5  # the 20 datagrams share packets: coalescing is expected
     sid = session.remote_index
     rng = random.Random(7)
 

@@ -182,9 +182,11 @@ class Node:
         udp = self._udp
         if ep is None or udp is None:
             return
-        now = self._now()
         receive = ep.receive_datagram
-        udp.drain(sock, lambda data, addr: receive(data, addr, now))
+        clock = self._loop.time if self._loop is not None else time.monotonic
+        # A timestamp per datagram, not per batch: a batch of hundreds would otherwise make RTT
+        # samples look shorter than the path and shrink the congestion window.
+        udp.drain(sock, lambda data, addr: receive(data, addr, clock()))
         self._pump()
 
     def _on_writable(self) -> None:

@@ -29,6 +29,9 @@ MAX_DATAGRAM = 65535
 MAX_BACKLOG = 4096
 _MAPPED = "::ffff:"
 # Linux socket options (include/uapi/linux/udp.h); Python's socket module does not name them.
+IP_MTU_DISCOVER = 10
+IPV6_MTU_DISCOVER = 23
+PMTUDISC_PROBE = 3
 UDP_SEGMENT = 103
 UDP_GRO = 104
 GSO_MAX_SEGMENTS = 64
@@ -36,6 +39,21 @@ GSO_MAX_BYTES = 65000
 _GSO_SIZE = struct.Struct("=H")
 _GRO_CMSG_SPACE = socket.CMSG_SPACE(4)
 _LITTLE = struct.pack("=H", 1) == b"\x01\x00"
+
+
+def _probe_mode(sock: socket.socket, family: int) -> None:
+    """Set the Don't Fragment bit and ignore the kernel's path-MTU cache (PMTUDISC_PROBE).
+
+    Path MTU discovery (RFC 8899) probes with datagrams larger than the current size: they must
+    be dropped, not silently fragmented, when the path cannot carry them, or a lossy path would
+    settle on a size that loses a fragment of every datagram.
+    """
+    with contextlib.suppress(OSError, AttributeError):
+        if family == socket.AF_INET6:
+            sock.setsockopt(socket.IPPROTO_IPV6, IPV6_MTU_DISCOVER, PMTUDISC_PROBE)
+        if family == socket.AF_INET or family == socket.AF_INET6:
+            # Dual-stack IPv6 sockets carry IPv4 too: set both where the kernel allows.
+            sock.setsockopt(socket.IPPROTO_IP, IP_MTU_DISCOVER, PMTUDISC_PROBE)
 
 
 def normalize_addr(raw: tuple[object, ...]) -> Addr:
@@ -97,6 +115,7 @@ class UdpSockets:
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.SOL_SOCKET, opt, recv_buffer)
             sock.setblocking(False)
+            _probe_mode(sock, family)
             sock.bind((host, port))
             try:
                 sock.setsockopt(socket.SOL_UDP, UDP_GRO, 1)

@@ -29,7 +29,7 @@ MIN_WINDOW_PACKETS = 4
 # BBR's cwnd also covers acknowledgement aggregation (delayed and batched ACKs, an event loop that
 # drains a socket in bursts). On sub-millisecond paths the bandwidth-delay product is a few packets,
 # which would leave the sender idle between batches; this floor keeps a batch in flight.
-AGGREGATION_FLOOR = 64 * 1024
+AGGREGATION_FLOOR = 128 * 1024
 LOSS_THRESHOLD = 0.15
 BW_WINDOW_ROUNDS = 10
 MIN_RTT_EXPIRY = 10.0

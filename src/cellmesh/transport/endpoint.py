@@ -121,7 +121,7 @@ MAX_KNOWN_PEERS = 65536
 MAX_BURST = 64
 # A peer with data outstanding that answers none of this many probe timeouts, and has been silent
 # at least UNRESPONSIVE_FLOOR seconds (or idle_timeout, if shorter), is declared dead.
-DEAD_AFTER_PTOS = 6
+DEAD_AFTER_PTOS = 5
 UNRESPONSIVE_FLOOR = 15.0
 STATIC_CHECK_INTERVAL = 5.0
 STATIC_MAX_BACKOFF = 30.0
@@ -245,6 +245,8 @@ class Endpoint:
             congestion_control=config.congestion_control,
         )
         self._timer_heap: list[tuple[float, bytes]] = []
+        self._dirty: dict[bytes, None] = {}  # peers with output pending (insertion-ordered)
+        self._last_now = now
         self._finishing: set[bytes] = set()  # peers whose XX message 3 awaits confirmation
         self._ping_counter = int.from_bytes(random_bytes(8), "big")
         self._conn_timer: dict[bytes, float] = {}
@@ -290,6 +292,12 @@ class Endpoint:
 
     def datagrams_to_send(self) -> list[tuple[bytes, Addr]]:
         """Take every datagram the endpoint wants sent, with its destination."""
+        if self._dirty:
+            dirty, self._dirty = self._dirty, {}
+            for cell in dirty:
+                dp = self._peers.get(cell)
+                if dp is not None:
+                    self._flush(dp, self._last_now)
         out, self._out = self._out, []
         for d, _ in out:
             self._bytes_out += len(d)
@@ -302,6 +310,8 @@ class Endpoint:
 
     def get_timer(self) -> float | None:
         """When `handle_timer` must next be called (absolute time)."""
+        if self._dirty:
+            return self._last_now  # output is waiting: the driver should collect it now
         t = self._next_housekeeping
         heap = self._timer_heap
         while heap and self._conn_timer.get(heap[0][1]) != heap[0][0]:
@@ -419,6 +429,7 @@ class Endpoint:
             return
         if p.current is not None:
             self._seal_to(p.current, [Close(code, "closing")], now)
+            self._flush(p, now)  # now: the peer is forgotten right after
         self._drop_peer(p, "closed locally")
 
     def shutdown(self, now: float) -> None:
@@ -515,13 +526,22 @@ class Endpoint:
         if p is not None and conn is not None and p.current is s:
             for m in msgs:
                 conn.queue_control(push_message(m))
-            self._flush(p, now)
+            self._mark(p, now)
             return
         # A session that is not (yet) current: seal directly, outside the connection's bookkeeping.
         pn = s.send_counter
         self._out.append((s.seal(push_messages(msgs), now), s.addr))
         if conn is not None:
             conn.note_untracked(pn)
+
+    def _mark(self, p: _Peer, now: float) -> None:
+        """Note that the peer has something to send; `datagrams_to_send` flushes it.
+
+        Deferring lets many calls in one turn of the driver (a burst of messages, a large write
+        cut into pieces, several replies) share packets instead of one packet each.
+        """
+        self._dirty[p.cell_id] = None
+        self._last_now = now
 
     def _flush(self, p: _Peer, now: float) -> None:
         """Send whatever the peer's connection has ready, then re-arm its timer."""
@@ -590,19 +610,19 @@ class Endpoint:
         """Append bytes to a stream (and end it when `fin`)."""
         p, conn = self._conn(cell_id)
         conn.write(stream_id, data, fin)
-        self._flush(p, now)
+        self._mark(p, now)
 
     def stream_reset(self, cell_id: bytes, stream_id: int, code: int, now: float) -> None:
         """Abort our sending half of a stream."""
         p, conn = self._conn(cell_id)
         conn.reset_stream(stream_id, code)
-        self._flush(p, now)
+        self._mark(p, now)
 
     def stream_stop(self, cell_id: bytes, stream_id: int, code: int, now: float) -> None:
         """Stop reading a stream; the peer is asked to reset its half."""
         p, conn = self._conn(cell_id)
         conn.stop_sending(stream_id, code)
-        self._flush(p, now)
+        self._mark(p, now)
 
     def stream_consumed(self, cell_id: bytes, stream_id: int, n: int, now: float) -> None:
         """The application read `n` bytes of a stream (reopens flow-control windows)."""
@@ -610,13 +630,13 @@ class Endpoint:
         if p is None or p.conn is None:
             return
         p.conn.consumed(stream_id, n)
-        self._flush(p, now)
+        self._mark(p, now)
 
     def send_message(self, cell_id: bytes, data: bytes, now: float) -> None:
         """Send one reliable (retransmitted until acknowledged), unordered message."""
         p, conn = self._conn(cell_id)
         conn.send_message(data)
-        self._flush(p, now)
+        self._mark(p, now)
 
     def connection_stats(self, cell_id: bytes) -> ConnectionStats | None:
         """Reliability counters of the connection with `cell_id`."""
@@ -694,6 +714,7 @@ class Endpoint:
         except (DecodeError, RemoteProtocolError) as exc:
             self.drops["protocol_violation"] += 1
             self._seal_to(s, [Close(CloseCode.PROTOCOL_ERROR, str(exc)[:200])], now)
+            self._flush(p, now)  # now: the peer is forgotten right after
             self._drop_peer(p, f"protocol violation: {exc}")
             return
         self._conn_events(p)
@@ -715,7 +736,7 @@ class Endpoint:
         if replies:
             self._seal_to(s, replies, now)
         else:
-            self._flush(p, now)
+            self._mark(p, now)
 
     # ----------------------------------------------------------------- receive: handshakes
 

@@ -546,7 +546,8 @@ def test_silent_peer_is_disconnected_after_idle_timeout() -> None:
     net.advance(CONFIG.idle_timeout + 2, tick=0.5)
     (gone,) = net.of(aa, PeerDisconnected)
     assert isinstance(gone, PeerDisconnected)
-    assert "idle" in gone.reason
+    # Unanswered keepalive probes may give the peer up before the idle timeout does.
+    assert "idle" in gone.reason or "unresponsive" in gone.reason
     assert a.statistics().sessions == 0
 
 
