@@ -63,6 +63,7 @@ MAX_ACK_DELAY = 0.025
 ACK_EVERY = 4
 PACKET_THRESHOLD = 3
 PERSISTENT_CONGESTION_PTOS = 3
+MAX_CONTROL_QUEUE = 4096
 MAX_PTO_BACKOFF = 6
 STREAM_LIMIT_ERROR = 5
 STREAM_STATE_ERROR = 6
@@ -121,6 +122,7 @@ class ConnectionStats:
     stream_bytes_sent: int = 0
     stream_bytes_received: int = 0
     duplicate_messages: int = 0
+    control_dropped: int = 0
 
 
 class Connection:
@@ -241,6 +243,11 @@ class Connection:
             return
         r.reset_code = code
         self._stop_pending[sid] = code
+        # Nobody will read this stream again: return the credit of what arrived but was not read.
+        unread = r.delivered - r.consumed
+        r.consumed = r.delivered
+        if unread > 0:
+            self.consumed(-1, unread)
 
     def consumed(self, sid: int, n: int) -> None:
         """The application read `n` bytes of `sid`: reopen the windows."""
@@ -273,8 +280,16 @@ class Connection:
         # One message travels in one packet, and a path can always fall back to the base MTU.
         return min(self.params.max_message, BASE_MTU - HEADER_AND_TAG - _MSG_OVERHEAD)
 
+    @property
+    def max_control_record(self) -> int:
+        """The largest unreliable record that fits one packet on the path as it is now."""
+        return self.mtu - HEADER_AND_TAG
+
     def queue_control(self, record: bytes) -> None:
         """An unreliable record (PING, PONG, CLOSE, KEEPALIVE, APP) for the next packet."""
+        if len(self._control) >= MAX_CONTROL_QUEUE:
+            self._control.popleft()  # oldest first: unreliable traffic may be shed
+            self.stats.control_dropped += 1
         self._control.append(record)
 
     def note_untracked(self, pn: int) -> None:
@@ -390,6 +405,8 @@ class Connection:
             self._recv_total += grown
             if self._recv_total > self._local_max_data:
                 raise RemoteProtocolError("peer exceeded the connection flow-control limit", 3)
+            if r.reset_code is not None:
+                self.consumed(-1, grown)  # we stopped reading: bytes still in flight are let go
         if data or fin:
             self.stats.stream_bytes_received += len(data)
             self.events.append(("data", m.stream_id, data, fin))
@@ -646,6 +663,11 @@ class Connection:
                 self._ack_deadline = None
                 self._unacked_eliciting = 0
                 self.stats.acks_sent += 1
+        while self._control and len(self._control[0]) > self.mtu - HEADER_AND_TAG:
+            # Too big for the path as it is now (e.g. a PONG to a large PING after the MTU fell
+            # back): unreliable records are dropped, never allowed to block the queue.
+            self._control.popleft()
+            self.stats.control_dropped += 1
         while self._control and used + len(self._control[0]) <= limit:
             rec = self._control.popleft()
             parts.append(rec)

@@ -119,6 +119,9 @@ RESPONDER_REKEY_DELAY = 10.0
 MAX_KNOWN_PEERS = 65536
 # Packets one flush may emit before yielding to the driver (the rest follow on an immediate timer).
 MAX_BURST = 64
+# A retransmitted INIT is answered from cache at most this often: an honest initiator needs a
+# few; a spoofer replaying one INIT at a victim's address gets nothing more.
+MAX_REPEATED_ANSWERS = 4
 # A peer with data outstanding that answers none of this many probe timeouts, and has been silent
 # at least UNRESPONSIVE_FLOOR seconds (or idle_timeout, if shorter), is declared dead.
 DEAD_AFTER_PTOS = 5
@@ -230,7 +233,7 @@ class Endpoint:
         self._init_by_echo: dict[bytes, int] = {}
         self._initiating: dict[bytes, int] = {}  # CellID or addr key -> initiation index
         self._half_open: OrderedDict[int, _HalfOpen] = OrderedDict()
-        self._answered: OrderedDict[bytes, tuple[bytes, float, Addr]] = OrderedDict()
+        self._answered: OrderedDict[bytes, tuple[bytes, float, Addr, int]] = OrderedDict()
         self._queued: dict[bytes, deque[Message]] = {}
         self._pings: OrderedDict[int, tuple[bytes, float]] = OrderedDict()
         self._out: list[tuple[bytes, Addr]] = []
@@ -405,6 +408,7 @@ class Endpoint:
         # A counter from a random start: ids need only be unique (a PONG is authenticated anyway).
         self._ping_counter = (self._ping_counter + 1) % (1 << 64)
         ping_id = self._ping_counter
+        self._check_fits(cell_id, len(data) + 11, "ping payload")
         self._send_or_queue(cell_id, Ping(ping_id, data), now)
         return ping_id
 
@@ -415,7 +419,17 @@ class Endpoint:
             raise LocalProtocolError(
                 f"datagram of {len(data)} bytes exceeds the {limit}-byte limit"
             )
+        self._check_fits(cell_id, len(data) + 3, "datagram")
         self._send_or_queue(cell_id, AppData(data), now)
+
+    def _check_fits(self, cell_id: bytes, record_len: int, what: str) -> None:
+        """Unreliable records travel in one packet: refuse what the path cannot carry now."""
+        p = self._peers.get(cell_id)
+        if p is not None and p.conn is not None and record_len > p.conn.max_control_record:
+            raise LocalProtocolError(
+                f"{what} of {record_len - 3} bytes does not fit the path MTU to this peer "
+                f"({p.conn.mtu} bytes now; it grows as discovery probes succeed)"
+            )
 
     @property
     def max_app_datagram(self) -> int:
@@ -757,9 +771,10 @@ class Endpoint:
         if cached is not None:
             # A retransmitted INIT whose answer was lost: answer again, do no new work. Only to the
             # address that sent the original, so a copied INIT cannot reflect answers at a victim.
-            if cached[2] != addr:
+            if cached[2] != addr or cached[3] >= MAX_REPEATED_ANSWERS:
                 self.drops["unexpected_handshake"] += 1
             elif self._reply_budget.take(now):
+                self._answered[digest] = (cached[0], cached[1], cached[2], cached[3] + 1)
                 self._out.append((cached[0], addr))
             else:
                 self.drops["rate_limited"] += 1
@@ -834,7 +849,7 @@ class Endpoint:
         return False
 
     def _remember_answer(self, digest: bytes, frame: bytes, addr: Addr, now: float) -> None:
-        self._answered[digest] = (frame, now, addr)
+        self._answered[digest] = (frame, now, addr, 0)
         while len(self._answered) > self.config.max_pending_handshakes:
             self._answered.popitem(last=False)
 
@@ -1202,7 +1217,7 @@ class Endpoint:
             if now - half.created >= cfg.handshake_timeout:
                 del self._half_open[idx]
         while self._answered:
-            digest, (_, t, _a) = next(iter(self._answered.items()))
+            digest, (_, t, _a, _n) = next(iter(self._answered.items()))
             if now - t < cfg.handshake_timeout:
                 break
             del self._answered[digest]

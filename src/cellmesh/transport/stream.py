@@ -18,6 +18,9 @@ from cellmesh.transport.ranges import RangeSet
 
 FLOW_CONTROL_ERROR = 3
 FINAL_SIZE_ERROR = 4
+# Out-of-order pieces one stream may hold. A 4 MiB window of 1120-byte frames needs ~3,800; a peer
+# that slices data into tiny, scattered pieces to burn our CPU and memory is refused.
+MAX_CHUNKS = 8192
 
 
 class SendStream:
@@ -218,6 +221,11 @@ class RecvStream:
                     break
                 nxt = self._buffered.next_start_after(pos)
                 stop = end if nxt is None else min(end, nxt)
+                if len(self._chunks) >= MAX_CHUNKS:
+                    raise RemoteProtocolError(
+                        f"stream {self.stream_id}: more than {MAX_CHUNKS} out-of-order pieces",
+                        FLOW_CONTROL_ERROR,
+                    )
                 self._chunks[pos] = data[pos - offset : stop - offset]
                 insort(self._offsets, pos)
                 self._buffered.add(pos, stop)

@@ -1,0 +1,81 @@
+"""Regression tests for hostile-peer and edge cases found in review."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+
+from cellmesh.config import NodeConfig
+from cellmesh.errors import LocalProtocolError, RemoteProtocolError
+from cellmesh.identity.keys import Identity
+from cellmesh.transport.connection import Connection, TransportParams
+from cellmesh.transport.endpoint import MAX_REPEATED_ANSWERS, Endpoint
+from cellmesh.transport.stream import MAX_CHUNKS, RecvStream
+from cellmesh.wire.header import FrameType, pull_header
+from cellmesh.wire.messages import Ping, StreamFrame, pull_messages, push_message
+
+CONFIG = NodeConfig(listen=("127.0.0.1:0",))
+
+
+def test_oversize_unreliable_record_is_dropped_not_blocking() -> None:
+    c = Connection(TransportParams(), True, 0.0)
+    c.queue_control(push_message(Ping(1, bytes(5000))))  # larger than the 1200-byte base MTU
+    c.queue_control(push_message(Ping(2, b"ok")))
+    pt = c.build_packet(0, 0.0)
+    assert pt is not None
+    assert [m for m in pull_messages(pt) if isinstance(m, Ping)] == [Ping(2, b"ok")]
+    assert c.stats.control_dropped == 1
+    assert not c.wants_to_send(0.0) or c.build_packet(1, 0.0) is not None
+
+
+def test_unreliable_sends_larger_than_the_path_are_refused_clearly() -> None:
+    a = Endpoint(Identity.generate(), CONFIG, 0.0, random.Random(1))
+    b = Endpoint(Identity.generate(), CONFIG, 0.0, random.Random(2))
+    a.connect(("b", 1), 0.0)
+    for _ in range(5):
+        for d, _ in a.datagrams_to_send():
+            b.receive_datagram(d, ("a", 1), 0.0)
+        for d, _ in b.datagrams_to_send():
+            a.receive_datagram(d, ("b", 1), 0.0)
+    with pytest.raises(LocalProtocolError, match="path MTU"):
+        a.send_datagram(b.cell_id, bytes(2000), 0.0)
+    with pytest.raises(LocalProtocolError, match="path MTU"):
+        a.send_ping(b.cell_id, 0.0, bytes(2000))
+    a.send_datagram(b.cell_id, bytes(1000), 0.0)  # what fits still goes
+
+
+def test_a_stream_sliced_into_too_many_scattered_pieces_is_refused() -> None:
+    r = RecvStream(1, 1 << 30)
+    for i in range(MAX_CHUNKS):
+        r.on_frame(2 + 2 * i, b"x", False)  # one byte every other byte: nothing deliverable
+    with pytest.raises(RemoteProtocolError, match="out-of-order pieces"):
+        r.on_frame(2 + 2 * MAX_CHUNKS, b"x", False)
+
+
+def test_stop_sending_returns_unread_credit_to_the_connection() -> None:
+    c = Connection(
+        TransportParams(stream_window=128 * 1024, connection_window=128 * 1024), False, 0.0
+    )
+    c.on_packet(0, [StreamFrame(0, 0, bytes(70_000))], 0.0)  # peer (even ids) opens stream 0
+    before = c._local_max_data
+    c.stop_sending(0, 9)
+    # 70,000 unread bytes were let go: the window reopened past its old limit.
+    assert c._local_max_data > before
+    c.on_packet(1, [StreamFrame(0, 70_000, bytes(4_000))], 0.0)  # still in flight: let go too
+    assert c._consumed_total == 74_000
+
+
+def test_a_replayed_init_is_answered_from_cache_only_a_few_times() -> None:
+    a = Endpoint(Identity.generate(), CONFIG, 0.0, random.Random(1))
+    b = Endpoint(Identity.generate(), CONFIG, 0.0, random.Random(2))
+    a.connect(("b", 1), 0.0)
+    ((init, _),) = a.datagrams_to_send()
+    answers = 0
+    for _ in range(20):
+        b.receive_datagram(init, ("a", 1), 0.0)
+        answers += sum(
+            1 for d, _ in b.datagrams_to_send() if pull_header(d).type is FrameType.HANDSHAKE_RESP
+        )
+    assert answers == 1 + MAX_REPEATED_ANSWERS
+    assert b.statistics().pending_responses == 1
