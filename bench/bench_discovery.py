@@ -3,8 +3,9 @@
 Ours: `DiscoveryCore` with its defaults: Trickle-paced beacons (Imin 0.1 s, Imax 5 s, k 3), a
 liveness promise that grows with the mesh, and a SOLICIT at start answered by every neighbour
 within 200 ms. Baseline, in the same invocation: the same core with Trickle disabled
-(``adaptive=False``: one beacon every 5 s at a random point of each interval, never suppressed)
-and no SOLICIT: NEXUS-0's 5 s announcement pulse.
+(``adaptive=False``: one beacon every 5 s at a random point of each interval, never suppressed),
+no SOLICIT and no introductions (``solicit_on_start=False, introduce=False``): NEXUS-0's 5 s
+announcement pulse.
 
 Scenario: N cores on one broadcast segment (2 ms links), powering on at 150 per second. Figures:
 
@@ -44,7 +45,7 @@ WALL0 = 1_800_000_000.0
 LAN = LinkModel(latency=0.002)
 JOIN_RATE = 150.0
 OURS = DiscoverySettings()
-BASELINE = DiscoverySettings(adaptive=False, solicit_on_start=False)
+BASELINE = DiscoverySettings(adaptive=False, solicit_on_start=False, introduce=False)
 OURS_WINDOW = 300.0
 JOIN_MESH = 100
 
@@ -156,7 +157,7 @@ def main() -> int:
             bench=BENCH,
             case=f"new node joins a stable mesh of {JOIN_MESH}",
             ours="DiscoveryCore defaults: SOLICIT at start, answers within 200 ms",
-            baseline="fixed 5 s pulse, no SOLICIT (adaptive=False)",
+            baseline="fixed 5 s pulse, no SOLICIT, no introductions (adaptive=False)",
             metrics=[
                 Metric(
                     "time to know every neighbour (median)",
@@ -188,7 +189,7 @@ def main() -> int:
                 case=f"beacon overhead, {n} nodes on one segment",
                 ours="Trickle (Imin 0.1 s, Imax 5 s, k 3) + liveness promise "
                 f"{OURS.imax:g} s x (peers + 1) / k, capped at {OURS.max_announce_interval:g} s",
-                baseline="fixed 5 s pulse (adaptive=False), no SOLICIT",
+                baseline="fixed 5 s pulse (adaptive=False), no SOLICIT, no introductions",
                 metrics=[
                     Metric("beacons per node per minute", ours.load, base.load, "/min", "lower"),
                     Metric(

@@ -57,6 +57,13 @@ MAX_REKEY_AFTER_PACKETS: Final = 1 << 63
 MIN_DATAGRAM: Final = 1200
 MAX_DATAGRAM: Final = 65507
 MIN_RECV_BUFFER: Final = 4096
+NX0_ALIASES: Final = {
+    "NX0_NAME": "name",
+    "NX0_TYPE": "node_type",
+    "NX0_ZONE": "zone",
+    "NX0_EGO": "ego",
+    "NX0_PORT": "discovery_port",
+}
 MIN_WINDOW: Final = 64 * 1024
 MAX_WINDOW: Final = 1 << 30
 CONGESTION_CONTROLLERS: Final = ("bbr", "reno")
@@ -167,6 +174,40 @@ class NodeConfig:
     )
     max_streams: int = field(
         default=1024, metadata=_doc("Streams open at once per peer, in each direction.")
+    )
+    discovery: bool = field(
+        default=True,
+        metadata=_doc(
+            "Find peers on the link with signed multicast beacons (only when listening on a "
+            "wildcard address such as [::])."
+        ),
+    )
+    mesh_name: str = field(
+        default="cellmesh",
+        metadata=_doc("Name of the mesh to join; nodes of other meshes are ignored."),
+    )
+    mesh_key: str = field(
+        default="",
+        repr=False,
+        metadata=_doc(
+            "Secret mesh key as hex (16-32 bytes), or empty for an open mesh; without it, "
+            "beacons are ignored. Prefer CELLMESH_MESH_KEY to writing it in a file."
+        ),
+    )
+    allowlist: tuple[str, ...] = field(
+        default=(), metadata=_doc("CellIDs admitted to the mesh (empty: anyone with the mesh key).")
+    )
+    node_type: str = field(default="", metadata=_doc("Node role announced in beacons (NX0_TYPE)."))
+    zone: str = field(default="", metadata=_doc("Logical zone announced in beacons (NX0_ZONE)."))
+    ego: int = field(
+        default=0, metadata=_doc("Seniority score 0-100 announced in beacons (NX0_EGO).")
+    )
+    discovery_port: int = field(
+        default=19541, metadata=_doc("UDP port of the discovery multicast group (NX0_PORT).")
+    )
+    discovery_groups: tuple[str, ...] = field(
+        default=("ff02::1",),
+        metadata=_doc("Multicast groups for beacons; add 224.0.0.1 for the IPv4 fallback."),
     )
     failure_threshold: float = field(
         default=8.0,
@@ -513,6 +554,33 @@ def _problems(v: Mapping[str, Any]) -> Iterator[tuple[tuple[str, ...], str]]:
     yield from int_range("send_buffer", MIN_WINDOW, MAX_WINDOW)
     yield from int_range("max_streams", 1, 65536)
     yield from positive("failure_threshold", "phi")
+    if v["mesh_key"]:
+        try:
+            key = bytes.fromhex(v["mesh_key"])
+        except ValueError:
+            key = b""
+        if not 16 <= len(key) <= 32:
+            yield (("mesh_key",), "mesh_key must be 32 to 64 hex characters (16 to 32 bytes)")
+    if not 1 <= len(v["mesh_name"].encode()) <= 64:
+        yield (("mesh_name",), "mesh_name must be 1 to 64 bytes")
+    for cell in v["allowlist"]:
+        if len(cell) != 32 or any(c not in "0123456789abcdefABCDEF" for c in cell):
+            yield (
+                ("allowlist",),
+                f"allowlist entry {cell[:40]!r} is not a 32-hex-character CellID",
+            )
+    yield from int_range("ego", 0, 100)
+    yield from int_range("discovery_port", 1, 65535)
+    for g in v["discovery_groups"]:
+        try:
+            ip = ipaddress.ip_address(g)
+        except ValueError:
+            ip = None
+        if ip is None or not ip.is_multicast:
+            yield (
+                ("discovery_groups",),
+                f"discovery_groups entry {g[:40]!r} is not a multicast address",
+            )
 
 
 # --- loading ---------------------------------------------------------------------------------
@@ -578,6 +646,12 @@ def load_config(
                 raise ConfigError(f"{source}: unknown key {key!r}{_suggest(key, names)}")
             values[key] = _coerce_python(key, _kind_of(fields[key]), value, label=source)
             origin[key] = source
+
+    # NEXUS-0 compatibility: NX0_* variables stand in for the matching CELLMESH_* ones.
+    for nx0, name in NX0_ALIASES.items():
+        if nx0 in env and env_var_name(name) not in env:
+            values[name] = _parse_text(name, _kind_of(fields[name]), env[nx0], label=nx0)
+            origin[name] = nx0
 
     for name, f in fields.items():
         var = env_var_name(name)

@@ -13,7 +13,8 @@ from conftest import free_udp_port
 def test_dual_stack_listener_serves_ipv6_and_ipv4_peers() -> None:
     async def go() -> None:
         port = free_udp_port()
-        server_cfg = NodeConfig(listen=(f"[::]:{port}",))
+        # No discovery: the wildcard listener here is in the machine's own namespace.
+        server_cfg = NodeConfig(listen=(f"[::]:{port}",), discovery=False)
         async with (
             Node(Identity.generate(), server_cfg) as server,
             Node(Identity.generate(), NodeConfig(listen=("[::1]:0",))) as v6,

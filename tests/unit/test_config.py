@@ -46,6 +46,15 @@ EXPECTED_DEFAULTS: dict[str, object] = {
     "connection_window": 16 * 1024 * 1024,
     "send_buffer": 4 * 1024 * 1024,
     "max_streams": 1024,
+    "discovery": True,
+    "mesh_name": "cellmesh",
+    "mesh_key": "",
+    "allowlist": (),
+    "node_type": "",
+    "zone": "",
+    "ego": 0,
+    "discovery_port": 19541,
+    "discovery_groups": ("ff02::1",),
     "failure_threshold": 8.0,
 }
 
@@ -70,7 +79,7 @@ def test_config_fields_describe_every_field() -> None:
         assert f.default == EXPECTED_DEFAULTS[f.name]
         assert f.doc
         assert "\n" not in f.doc
-        assert f.type_name in {"tuple[str, ...]", "str", "int", "float"}
+        assert f.type_name in {"tuple[str, ...]", "str", "int", "float", "bool"}
         assert f.env_var == "CELLMESH_" + f.name.upper() == env_var_name(f.name)
     by_name = {f.name: f for f in fields}
     assert by_name["listen"].type_name == "tuple[str, ...]"
@@ -87,6 +96,8 @@ def test_render_default_config_is_commented_and_complete() -> None:
     assert tomllib.loads(uncommented) == EXPECTED_DEFAULTS | {
         "listen": ["[::]:19541"],
         "peers": [],
+        "allowlist": [],
+        "discovery_groups": ["ff02::1"],
     }
     assert load_config(uncommented, {}) == NodeConfig()
 
@@ -423,3 +434,36 @@ def test_arbitrary_toml_value_gives_config_or_config_error(name: str, value: str
     except ConfigError:
         return
     assert isinstance(cfg, NodeConfig)
+
+
+def test_nx0_variables_are_aliases_and_cellmesh_ones_win() -> None:
+    env = {
+        "NX0_NAME": "Alpha",
+        "NX0_TYPE": "Rig-Hub",
+        "NX0_ZONE": "Medical",
+        "NX0_EGO": "42",
+        "NX0_PORT": "19600",
+    }
+    cfg = load_config(None, env)
+    assert (cfg.name, cfg.node_type, cfg.zone, cfg.ego, cfg.discovery_port) == (
+        "Alpha",
+        "Rig-Hub",
+        "Medical",
+        42,
+        19600,
+    )
+    cfg = load_config(None, env | {"CELLMESH_NAME": "Bravo"})
+    assert cfg.name == "Bravo"
+    with pytest.raises(ConfigError, match="NX0_EGO"):
+        load_config(None, {"NX0_EGO": "500"})
+
+
+def test_mesh_settings_are_validated() -> None:
+    with pytest.raises(ConfigError, match="mesh_key"):
+        NodeConfig(mesh_key="abc")
+    with pytest.raises(ConfigError, match="allowlist"):
+        NodeConfig(allowlist=("nothex",))
+    with pytest.raises(ConfigError, match="multicast"):
+        NodeConfig(discovery_groups=("10.0.0.1",))
+    assert NodeConfig(mesh_key="11" * 16).mesh_key == "11" * 16
+    assert "mesh_key" not in repr(NodeConfig(mesh_key="11" * 16))

@@ -30,6 +30,9 @@ def config_options(fn: F) -> F:
         help_text = f"{f.doc} [env {f.env_var}; default {f.default!r}]"
         if is_tuple:
             opt = click.option(flag, f.name, multiple=True, metavar=meta, help=help_text)
+        elif f.type_name == "bool":
+            base = f.name.replace("_", "-")
+            opt = click.option(f"--{base}/--no-{base}", f.name, default=None, help=help_text)
         else:
             opt = click.option(flag, f.name, default=None, metavar=meta, help=help_text)
         fn = opt(fn)

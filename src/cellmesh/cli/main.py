@@ -214,7 +214,8 @@ def _ms(v: float | None) -> str:
 @click.option("--json", "as_json", is_flag=True, help="Machine-readable output.")
 @click.pass_obj
 def peers_cmd(obj: Ctx, as_json: bool) -> None:
-    """List connected peers: CellID, address, state, RTT, path MTU, session age, traffic, losses."""
+    """List peers: connected ones (address, state, RTT, path MTU, traffic, losses) and those
+    discovered on the link (name, type, zone, capabilities, first seen: see --json)."""
     rows: list[dict[str, Any]] = _call(obj, "peers")
     if as_json:
         click.echo(json.dumps(rows, indent=2))
@@ -223,19 +224,23 @@ def peers_cmd(obj: Ctx, as_json: bool) -> None:
         err.print("no peers connected")
         return
     t = Table(box=None, header_style="bold")
-    for col in ("CellID", "address", "state", "RTT", "MTU", "session age", "in", "out", "lost"):
+    cols = ("CellID", "name", "address", "state", "RTT", "MTU", "session age", "in", "out", "lost")
+    for col in cols:
         t.add_column(col, no_wrap=True)
     for r in rows:
+        found = r.get("discovered") or {}
+        connected = "session_age_s" in r
         t.add_row(
             r["cell_id"],
+            str(found.get("name", "")),
             r["address"],
             r["state"] if r["state"] == "alive" else f"[yellow]{r['state']}[/]",
-            _ms(r["rtt_ms"]),
-            str(r["mtu"]),
-            f"{r['session_age_s']:.0f} s",
-            f"{r['packets_in']} pkt / {r['bytes_in']} B",
-            f"{r['packets_out']} pkt / {r['bytes_out']} B",
-            str(r["packets_lost"]),
+            _ms(r.get("rtt_ms")),
+            str(r.get("mtu", "-")),
+            f"{r['session_age_s']:.0f} s" if connected else "-",
+            f"{r['packets_in']} pkt / {r['bytes_in']} B" if connected else "-",
+            f"{r['packets_out']} pkt / {r['bytes_out']} B" if connected else "-",
+            str(r.get("packets_lost", "-")),
         )
     out.print(t)
 
@@ -336,7 +341,10 @@ def config_cmd(obj: Ctx, defaults: bool) -> None:
         fail(str(exc))
         return
     for f in config_fields():
-        click.echo(f"{f.name} = {getattr(cfg, f.name)!r}")
+        value = getattr(cfg, f.name)
+        if f.name == "mesh_key" and value:
+            value = "(set; not shown)"  # a secret: never printed
+        click.echo(f"{f.name} = {value!r}")
 
 
 @cli.command("demo")

@@ -38,7 +38,7 @@ from typing import Any, Final
 
 from cellmesh.errors import CellmeshError, ControlError, PeerUnreachableError
 from cellmesh.identity.cellid import format_cell_id, parse_cell_id
-from cellmesh.node.node import Node, peer_dict
+from cellmesh.node.node import Node
 from cellmesh.node.streams import Stream, StreamError
 from cellmesh.node.transfer import (
     CHUNK,
@@ -227,7 +227,7 @@ class ControlServer:
         if op == "status":
             return node.status()
         if op == "peers":
-            return [peer_dict(p) for p in node.peers()]
+            return node.peer_rows()
         if op == "ping":
             timeout = float(req.get("timeout", 2.0))
             size = int(req.get("size", 0))

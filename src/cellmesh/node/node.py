@@ -20,9 +20,11 @@ from types import TracebackType
 from typing import Any
 
 from cellmesh.config import NodeConfig, parse_host_port
+from cellmesh.discovery.settings import DiscoverySettings
 from cellmesh.errors import LocalProtocolError, PeerUnreachableError
 from cellmesh.identity.cellid import format_cell_id, parse_cell_id
 from cellmesh.identity.keys import Identity
+from cellmesh.node.discovery import DiscoveryDriver
 from cellmesh.node.streams import Stream, StreamError, peer_gone
 from cellmesh.node.udp import Addr, UdpSockets, format_addr
 from cellmesh.transport.endpoint import Endpoint
@@ -41,9 +43,11 @@ from cellmesh.transport.events import (
     StreamReset,
     StreamWritable,
 )
+from cellmesh.wire.header import FrameType
 
 log = logging.getLogger("cellmesh.node")
 MAX_INBOX = 4096
+DISCOVERY_TYPES = frozenset((int(FrameType.BEACON), int(FrameType.SOLICIT)))
 MAX_ACCEPT_BACKLOG = 64
 REFUSED = 2
 
@@ -69,9 +73,19 @@ def resolve_addr(spec: str) -> Addr:
 class Node:
     """A running cellmesh node. Use as `async with Node(identity, config) as node: ...`."""
 
-    def __init__(self, identity: Identity, config: NodeConfig | None = None) -> None:
+    def __init__(
+        self,
+        identity: Identity,
+        config: NodeConfig | None = None,
+        discovery: DiscoverySettings | None = None,
+    ) -> None:
         self.identity = identity
         self.config = config if config is not None else NodeConfig()
+        # Discovery runs only where it can mean something and is wanted: settings were given (or
+        # config.discovery is on) and the node listens on a wildcard address. A node bound to
+        # loopback only, as in local tests, never multicasts.
+        self._discovery_settings = discovery
+        self.discovery: DiscoveryDriver | None = None
         self.started_at = time.time()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._udp: UdpSockets | None = None
@@ -132,6 +146,29 @@ class Node:
                 log.warning("static peer skipped: %s", exc)
                 continue
             self._endpoint.add_static_peer(addr, loop.time())
+        settings = self._discovery_settings
+        if settings is None and self.config.discovery:
+            settings = discovery_settings_from(self.config)
+        if settings is not None and any(
+            host in ("::", "0.0.0.0") for host, _ in self.local_addresses()
+        ):
+            self.discovery = DiscoveryDriver(self, settings)
+            shared = next(
+                (
+                    sk
+                    for sk in self._udp.sockets
+                    if sk.family == socket.AF_INET6
+                    and sk.getsockname()[0] == "::"
+                    and sk.getsockname()[1] == settings.group_port
+                ),
+                None,
+            )
+            try:
+                await self.discovery.start(shared)
+            except OSError as exc:
+                log.warning("discovery disabled: %s", exc)
+                self.discovery.stop()
+                self.discovery = None
         log.info(
             "node %s listening on %s",
             format_cell_id(self.cell_id),
@@ -143,6 +180,9 @@ class Node:
         """Close sessions politely, then the sockets."""
         if self._endpoint is None or self._loop is None or self._udp is None:
             return
+        if self.discovery is not None:
+            self.discovery.stop()
+            self.discovery = None
         self._endpoint.shutdown(self._loop.time())
         self._pump()
         if self._timer is not None:
@@ -184,9 +224,21 @@ class Node:
             return
         receive = ep.receive_datagram
         clock = self._loop.time if self._loop is not None else time.monotonic
+        disc = self.discovery
         # A timestamp per datagram, not per batch: a batch of hundreds would otherwise make RTT
         # samples look shorter than the path and shrink the congestion window.
-        udp.drain(sock, lambda data, addr: receive(data, addr, clock()))
+        if disc is None:
+            udp.drain(sock, lambda data, addr: receive(data, addr, clock()))
+        else:
+            # Discovery shares the port: BEACON and SOLICIT frames (type byte 6 or 7) go to it.
+            def deliver(data: bytes, addr: Addr) -> None:
+                if len(data) > 1 and data[1] in DISCOVERY_TYPES:
+                    disc.feed(data, addr, clock())
+                else:
+                    receive(data, addr, clock())
+
+            udp.drain(sock, deliver)
+            disc.flush()
         self._pump()
 
     def _on_writable(self) -> None:
@@ -365,6 +417,16 @@ class Node:
         """The next (CellID, data) application datagram received."""
         return await self._inbox.get()
 
+    def _learn_and_dial(self, cell_id: bytes, noise_static: bytes, addr: Addr) -> None:
+        """A peer discovered on the link: remember its key and open a Noise IK session."""
+        ep = self._endpoint
+        if ep is None or cell_id == self.cell_id:
+            return
+        ep.learn_peer(cell_id, noise_static, addr)
+        if ep.session_for(cell_id) is None:
+            ep.connect(addr, self._now(), cell_id)
+            self._pump()
+
     # ------------------------------------------------------------------ streams and messages
 
     async def ensure_connected(self, cell_id: bytes | str, timeout: float = 5.0) -> bytes:
@@ -446,6 +508,42 @@ class Node:
         self._streams.pop((st.cell_id, st.stream_id), None)
         self._pump()
 
+    def peer_rows(self) -> list[dict[str, Any]]:
+        """Connected peers merged with what discovery knows (what `cellmesh peers` shows)."""
+        rows: dict[bytes, dict[str, Any]] = {p.cell_id: peer_dict(p) for p in self.peers()}
+        if self.discovery is not None and self._loop is not None:
+            now = self._loop.time()
+            for rec in self.discovery.peers():
+                row = rows.get(rec.cell_id)
+                if row is None:
+                    row = {
+                        "cell_id": format_cell_id(rec.cell_id),
+                        "public_key": rec.public_key.hex(),
+                        "address": format_addr(rec.observed_addr),
+                        "state": "discovered",
+                    }
+                    rows[rec.cell_id] = row
+                row["discovered"] = {
+                    "name": rec.name,
+                    "type": rec.node_type,
+                    "zone": rec.zone,
+                    "ego": rec.ego,
+                    "capabilities": {
+                        "relay": rec.caps.relay,
+                        "storage": rec.caps.storage,
+                        "anchor_eligible": rec.caps.anchor_eligible,
+                        "bandwidth_class": rec.caps.bandwidth_class,
+                    },
+                    "tags": dict(rec.tags),
+                    "first_seen_s_ago": round(now - rec.first_seen, 3),
+                    "last_seen_s_ago": round(now - rec.last_seen, 3),
+                    "interval_s": round(rec.interval, 3),
+                    "state": str(rec.state.value)
+                    if hasattr(rec.state, "value")
+                    else str(rec.state),
+                }
+        return list(rows.values())
+
     def peers(self) -> list[PeerInfo]:
         """Connected peers."""
         return self.endpoint.peers(self._now())
@@ -512,6 +610,23 @@ def peer_dict(p: PeerInfo) -> dict[str, Any]:
         "bytes_retransmitted": p.bytes_retransmitted,
         "open_streams": p.open_streams,
     }
+
+
+def discovery_settings_from(config: NodeConfig) -> DiscoverySettings:
+    """The discovery settings a `NodeConfig` describes (mesh key read by the caller's config)."""
+    groups: tuple[str, ...] = tuple(config.discovery_groups)
+    allow = frozenset(parse_cell_id(c) for c in config.allowlist) if config.allowlist else None
+    return DiscoverySettings(
+        mesh_name=config.mesh_name,
+        mesh_key=bytes.fromhex(config.mesh_key) if config.mesh_key else None,
+        allowlist=allow,
+        name=config.name,
+        node_type=config.node_type,
+        zone=config.zone,
+        ego=config.ego,
+        group_hosts=groups,
+        group_port=config.discovery_port,
+    )
 
 
 def env_snapshot() -> Mapping[str, str]:

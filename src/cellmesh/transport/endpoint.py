@@ -290,8 +290,11 @@ class Endpoint:
             self._on_response(h, data, addr, now)
         elif t is FrameType.HANDSHAKE_FINISH:
             self._on_finish(h, data, addr, now)
-        else:
+        elif t is FrameType.COOKIE_REPLY:
             self._on_cookie_reply(h, data, addr, now)
+        else:
+            # BEACON/SOLICIT belong to discovery; the node routes them there when it runs.
+            self.drops["discovery_frame"] += 1
 
     def datagrams_to_send(self) -> list[tuple[bytes, Addr]]:
         """Take every datagram the endpoint wants sent, with its destination."""
@@ -372,6 +375,19 @@ class Endpoint:
             if known is not None:
                 static = known[0]
         self._start_initiation(addr, now, cell_id, static, rekey=False)
+
+    def learn_peer(self, cell_id: bytes, noise_static: bytes, addr: Addr) -> None:
+        """Remember how to reach `cell_id` and its Noise static key (from a signed beacon), so
+        `connect`/`send_ping` to it use Noise IK. An established session is left alone."""
+        if cell_id == self.cell_id or len(noise_static) != 32:
+            return
+        p = self._peers.get(cell_id)
+        if p is not None and p.current is not None:
+            return
+        self._known[cell_id] = (noise_static, addr)
+        self._known.move_to_end(cell_id)
+        while len(self._known) > MAX_KNOWN_PEERS:
+            self._known.popitem(last=False)
 
     def add_static_peer(self, addr: Addr, now: float, cell_id: bytes | None = None) -> None:
         """Keep a session with whoever answers at `addr`, redialling with backoff when it fails."""

@@ -54,6 +54,10 @@ class FrameType(IntEnum):
     HANDSHAKE_FINISH = 3
     COOKIE_REPLY = 4
     DATA = 5
+    BEACON = (
+        6  # discovery announcement, signed (cellmesh.discovery.beacon; docs/wire.md section 10)
+    )
+    SOLICIT = 7  # discovery request for immediate announcements, signed (same place)
 
 
 _FRAME_TYPES = frozenset(int(t) for t in FrameType)

@@ -82,6 +82,8 @@ def test_frame_types_are_the_documented_values() -> None:
         "HANDSHAKE_FINISH": 3,
         "COOKIE_REPLY": 4,
         "DATA": 5,
+        "BEACON": 6,
+        "SOLICIT": 7,
     }
 
 
@@ -199,7 +201,7 @@ def test_version_is_checked_before_the_rest() -> None:
         pull_header(frame)
 
 
-@pytest.mark.parametrize("ftype", [0, 6, 7, 0x80, 255])
+@pytest.mark.parametrize("ftype", [0, 8, 9, 0x80, 255])
 def test_unknown_frame_type(ftype: int) -> None:
     frame = _frame(_header())
     frame[1] = ftype
