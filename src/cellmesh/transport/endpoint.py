@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import hashlib
 import heapq
+import hmac
 import os
 import random
 from collections import Counter, OrderedDict, deque
@@ -119,6 +120,10 @@ RESPONDER_REKEY_DELAY = 10.0
 MAX_KNOWN_PEERS = 65536
 # Packets one flush may emit before yielding to the driver (the rest follow on an immediate timer).
 MAX_BURST = 64
+# Mesh admission on handshakes: bit 7 of the INIT pattern byte says a 16-byte MAC under the mesh
+# key ends the body.
+MESH_MAC_FLAG = 0x80
+MESH_MAC_LEN = 16
 # A retransmitted INIT is answered from cache at most this often: an honest initiator needs a
 # few; a spoofer replaying one INIT at a victim's address gets nothing more.
 MAX_REPEATED_ANSWERS = 4
@@ -247,6 +252,11 @@ class Endpoint:
             max_streams=config.max_streams,
             congestion_control=config.congestion_control,
         )
+        self._mesh_mac_key: bytes | None = None
+        if config.mesh_key:
+            self._mesh_mac_key = hashlib.blake2s(
+                config.mesh_name.encode(), key=bytes.fromhex(config.mesh_key), person=b"cm-hsmac"
+            ).digest()
         self._timer_heap: list[tuple[float, bytes]] = []
         self._dirty: dict[bytes, None] = {}  # peers with output pending (insertion-ordered)
         self._last_now = now
@@ -777,8 +787,26 @@ class Endpoint:
         if h.session_id != 0 or h.packet_number != 0:
             self.drops["malformed"] += 1
             return
+        raw = data[HEADER_LEN:]
+        flagged = bool(raw) and bool(raw[0] & MESH_MAC_FLAG)
+        if self._mesh_mac_key is not None:
+            # Outsiders without the mesh key are ignored before any cryptographic work.
+            if (
+                not flagged
+                or len(raw) <= MESH_MAC_LEN
+                or not hmac.compare_digest(
+                    raw[-MESH_MAC_LEN:],
+                    self._mesh_mac(associated_data(data[:HEADER_LEN]) + raw[:-MESH_MAC_LEN]),
+                )
+            ):
+                self.drops["admission"] += 1
+                return
+            raw = bytes([raw[0] & ~MESH_MAC_FLAG & 0xFF]) + raw[1:-MESH_MAC_LEN]
+        elif flagged:
+            self.drops["admission"] += 1  # a keyed mesh's node, and we are not in that mesh
+            return
         try:
-            body = pull_init_body(data[HEADER_LEN:])
+            body = pull_init_body(raw)
         except DecodeError as exc:
             self.drops[_decode_reason(exc)] += 1
             return
@@ -985,6 +1013,10 @@ class Endpoint:
 
     # ----------------------------------------------------------------- sessions and peers
 
+    def _mesh_mac(self, data: bytes) -> bytes:
+        assert self._mesh_mac_key is not None
+        return hashlib.blake2s(data, key=self._mesh_mac_key, digest_size=MESH_MAC_LEN).digest()
+
     def _new_index(self) -> int:
         while True:
             idx = int.from_bytes(self._random_bytes(8), "big")
@@ -1107,7 +1139,16 @@ class Endpoint:
     def _send_init(self, ini: _Initiation, now: float) -> None:
         body = push_init_body(InitBody(ini.hs.pattern, ini.cookie, ini.noise))
         dst = ini.expected_cell if ini.expected_cell is not None else ZERO_CELL
-        frame = pack_header(FrameType.HANDSHAKE_INIT, self.cell_id, dst, 0, 0, len(body)) + body
+        if self._mesh_mac_key is None:
+            frame = pack_header(FrameType.HANDSHAKE_INIT, self.cell_id, dst, 0, 0, len(body)) + body
+        else:
+            # Mesh admission: flag the pattern byte and append a MAC under the mesh key, which
+            # the responder checks before any other work (WireGuard's mac1, keyed by the mesh).
+            body = bytes([body[0] | MESH_MAC_FLAG]) + body[1:]
+            head = pack_header(
+                FrameType.HANDSHAKE_INIT, self.cell_id, dst, 0, 0, len(body) + MESH_MAC_LEN
+            )
+            frame = head + body + self._mesh_mac(associated_data(head) + body)
         self._out.append((frame, ini.addr))
         ini.last_sent = now
         deadline = ini.started + self.config.handshake_timeout

@@ -79,3 +79,38 @@ def test_a_replayed_init_is_answered_from_cache_only_a_few_times() -> None:
         )
     assert answers == 1 + MAX_REPEATED_ANSWERS
     assert b.statistics().pending_responses == 1
+
+
+def _exchange(a: Endpoint, b: Endpoint, rounds: int = 6) -> None:
+    for _ in range(rounds):
+        for d, _ in a.datagrams_to_send():
+            b.receive_datagram(d, ("a", 1), 0.0)
+        for d, _ in b.datagrams_to_send():
+            a.receive_datagram(d, ("b", 1), 0.0)
+
+
+def test_mesh_key_admits_members_and_silently_ignores_outsiders() -> None:
+    keyed = NodeConfig(listen=("127.0.0.1:0",), mesh_key="11" * 32)
+    other = NodeConfig(listen=("127.0.0.1:0",), mesh_key="22" * 32)
+    a = Endpoint(Identity.generate(), keyed, 0.0, random.Random(1))
+    b = Endpoint(Identity.generate(), keyed, 0.0, random.Random(2))
+    a.connect(("b", 1), 0.0)
+    _exchange(a, b)
+    assert a.session_for(b.cell_id) is not None  # same mesh key: admitted
+
+    for cfg in (other, CONFIG):  # a wrong key, and no key at all
+        outsider = Endpoint(Identity.generate(), cfg, 0.0, random.Random(3))
+        outsider.connect(("b", 1), 0.0)
+        before = b.statistics().drops.get("admission", 0)
+        for d, _ in outsider.datagrams_to_send():
+            b.receive_datagram(d, ("x", 9), 0.0)
+        assert b.datagrams_to_send() == []  # not a byte in answer
+        assert b.statistics().drops["admission"] == before + 1
+        assert b.statistics().pending_responses == 0
+    # And a keyed node ignores an open-mesh node's initiation too.
+    plain = Endpoint(Identity.generate(), CONFIG, 0.0, random.Random(4))
+    a.connect(("p", 1), 0.0)
+    for d, _ in a.datagrams_to_send():
+        plain.receive_datagram(d, ("a", 1), 0.0)
+    assert plain.datagrams_to_send() == []
+    assert plain.statistics().drops["admission"] == 1
