@@ -126,57 +126,47 @@ def pack_header(
     )
 
 
+_Fields = tuple[int, int, int, int, int, int, bytes, bytes, int, int, int, int]
+
+
+def _unpack_checked(buf: bytes | bytearray | memoryview) -> _Fields:
+    """Unpack the header and apply every v1 check (one place for both decoders below)."""
+    n = len(buf)
+    if n < HEADER_LEN:
+        raise TruncatedError(f"frame of {n} bytes is shorter than the {HEADER_LEN}-byte header")
+    fields: _Fields = _HEADER.unpack_from(buf, 0)
+    ver, ftype, flags, _ttl, plen, frag, _src, _dst, _sid, _pn, _channel, rsvd = fields
+    if ver != WIRE_VERSION:
+        raise VersionError(f"wire version {ver} is not supported (this node speaks {WIRE_VERSION})")
+    if ftype not in _FRAME_TYPES:
+        raise MalformedError(f"unknown frame type {ftype}")
+    if flags & ~KNOWN_FLAGS:
+        raise MalformedError(f"unknown flag bits 0x{flags:02x}")
+    if frag or rsvd:
+        raise MalformedError("reserved header fields must be zero")
+    body = n - HEADER_LEN
+    if plen > body:
+        raise TruncatedError(f"header announces {plen} payload bytes, {body} present")
+    if plen < body:
+        raise OversizeError(f"{body - plen} bytes of trailing junk after the payload")
+    return fields
+
+
 def pull_header(buf: bytes | bytearray | memoryview) -> FrameHeader:
     """Decode the header at the start of `buf` and check it against the datagram length.
 
     Raises a `DecodeError` subclass for anything that is not a well-formed v1 header whose
     `payload_len` matches exactly the bytes that follow it.
     """
-    n = len(buf)
-    if n < HEADER_LEN:
-        raise TruncatedError(f"frame of {n} bytes is shorter than the {HEADER_LEN}-byte header")
-    (ver, ftype, flags, ttl, plen, frag, src, dst, sid, pn, channel, rsvd) = _HEADER.unpack_from(
-        buf, 0
-    )
-    if ver != WIRE_VERSION:
-        raise VersionError(f"wire version {ver} is not supported (this node speaks {WIRE_VERSION})")
-    if ftype not in _FRAME_TYPES:
-        raise MalformedError(f"unknown frame type {ftype}")
-    if flags & ~KNOWN_FLAGS:
-        raise MalformedError(f"unknown flag bits 0x{flags:02x}")
-    if frag or rsvd:
-        raise MalformedError("reserved header fields must be zero")
-    body = n - HEADER_LEN
-    if plen > body:
-        raise TruncatedError(f"header announces {plen} payload bytes, {body} present")
-    if plen < body:
-        raise OversizeError(f"{body - plen} bytes of trailing junk after the payload")
+    _v, ftype, flags, ttl, plen, _f, src, dst, sid, pn, channel, _r = _unpack_checked(buf)
     return FrameHeader(FrameType(ftype), src, dst, sid, pn, plen, ttl, flags, channel)
 
 
 def pull_header_fields(buf: bytes | bytearray | memoryview) -> tuple[int, bytes, bytes, int, int]:
     """Hot-path decoder: the same checks as `pull_header`, returning (type, src, dst, session id,
     packet number) as a plain tuple instead of building a `FrameHeader`."""
-    n = len(buf)
-    if n < HEADER_LEN:
-        raise TruncatedError(f"frame of {n} bytes is shorter than the {HEADER_LEN}-byte header")
-    (ver, ftype, flags, _ttl, plen, frag, src, dst, sid, pn, _channel, rsvd) = _HEADER.unpack_from(
-        buf, 0
-    )
-    if ver != WIRE_VERSION:
-        raise VersionError(f"wire version {ver} is not supported (this node speaks {WIRE_VERSION})")
-    if ftype not in _FRAME_TYPES:
-        raise MalformedError(f"unknown frame type {ftype}")
-    if flags & ~KNOWN_FLAGS:
-        raise MalformedError(f"unknown flag bits 0x{flags:02x}")
-    if frag or rsvd:
-        raise MalformedError("reserved header fields must be zero")
-    body = n - HEADER_LEN
-    if plen > body:
-        raise TruncatedError(f"header announces {plen} payload bytes, {body} present")
-    if plen < body:
-        raise OversizeError(f"{body - plen} bytes of trailing junk after the payload")
-    return ftype, src, dst, sid, pn
+    f = _unpack_checked(buf)
+    return f[1], f[6], f[7], f[8], f[9]
 
 
 def associated_data(raw_header: bytes | bytearray | memoryview) -> bytes:
