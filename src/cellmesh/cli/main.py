@@ -19,6 +19,7 @@ import click
 from rich.console import Console
 from rich.table import Table
 
+from cellmesh.cli.access_cmds import policy_group, token_group
 from cellmesh.cli.chaos_cmd import chaos_relay
 from cellmesh.cli.config_options import config_options, overrides_from
 from cellmesh.cli.transfer_cmds import cp_cmd, recv_cmd, send_cmd
@@ -363,6 +364,8 @@ def demo_cmd(nodes: int, pings: int) -> None:
 
 
 cli.add_command(chaos_relay)
+cli.add_command(token_group)
+cli.add_command(policy_group)
 cli.add_command(cp_cmd)
 cli.add_command(send_cmd)
 cli.add_command(recv_cmd)
