@@ -195,7 +195,14 @@ class NodeConfig:
         ),
     )
     allowlist: tuple[str, ...] = field(
-        default=(), metadata=_doc("CellIDs admitted to the mesh (empty: anyone with the mesh key).")
+        default=(),
+        metadata=_doc(
+            "CellIDs admitted to the mesh: discovery and handshakes (empty: anyone with the mesh key)."
+        ),
+    )
+    denylist: tuple[str, ...] = field(
+        default=(),
+        metadata=_doc("CellIDs whose datagrams are dropped on arrival, before any cryptography."),
     )
     node_type: str = field(default="", metadata=_doc("Node role announced in beacons (NX0_TYPE)."))
     zone: str = field(default="", metadata=_doc("Logical zone announced in beacons (NX0_ZONE)."))
@@ -563,12 +570,13 @@ def _problems(v: Mapping[str, Any]) -> Iterator[tuple[tuple[str, ...], str]]:
             yield (("mesh_key",), "mesh_key must be 32 to 64 hex characters (16 to 32 bytes)")
     if not 1 <= len(v["mesh_name"].encode()) <= 64:
         yield (("mesh_name",), "mesh_name must be 1 to 64 bytes")
-    for cell in v["allowlist"]:
-        if len(cell) != 32 or any(c not in "0123456789abcdefABCDEF" for c in cell):
-            yield (
-                ("allowlist",),
-                f"allowlist entry {cell[:40]!r} is not a 32-hex-character CellID",
-            )
+    for list_name in ("allowlist", "denylist"):
+        for cell in v[list_name]:
+            if len(cell) != 32 or any(c not in "0123456789abcdefABCDEF" for c in cell):
+                yield (
+                    (list_name,),
+                    f"{list_name} entry {cell[:40]!r} is not a 32-hex-character CellID",
+                )
     yield from int_range("ego", 0, 100)
     yield from int_range("discovery_port", 1, 65535)
     for g in v["discovery_groups"]:

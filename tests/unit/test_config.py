@@ -50,6 +50,7 @@ EXPECTED_DEFAULTS: dict[str, object] = {
     "mesh_name": "cellmesh",
     "mesh_key": "",
     "allowlist": (),
+    "denylist": (),
     "node_type": "",
     "zone": "",
     "ego": 0,
@@ -97,6 +98,7 @@ def test_render_default_config_is_commented_and_complete() -> None:
         "listen": ["[::]:19541"],
         "peers": [],
         "allowlist": [],
+        "denylist": [],
         "discovery_groups": ["ff02::1"],
     }
     assert load_config(uncommented, {}) == NodeConfig()

@@ -252,6 +252,9 @@ class Endpoint:
             max_streams=config.max_streams,
             congestion_control=config.congestion_control,
         )
+        # Ring 0 identity gate: O(1) set lookups on the header's source CellID, before any crypto.
+        self._deny = frozenset(bytes.fromhex(c) for c in config.denylist)
+        self._allow = frozenset(bytes.fromhex(c) for c in config.allowlist) or None
         self._mesh_mac_key: bytes | None = None
         if config.mesh_key:
             self._mesh_mac_key = hashlib.blake2s(
@@ -288,6 +291,9 @@ class Endpoint:
             return
         if src == self.cell_id:
             self.drops["reflected"] += 1
+            return
+        if src in self._deny:
+            self.drops["denied"] += 1
             return
         if ftype == FrameType.DATA:
             self._on_data(src, dst, sid, pn, data, addr, now)
@@ -787,6 +793,9 @@ class Endpoint:
         if h.session_id != 0 or h.packet_number != 0:
             self.drops["malformed"] += 1
             return
+        if self._allow is not None and h.src not in self._allow:
+            self.drops["not_allowed"] += 1  # the claimed CellID is checked again once proven
+            return
         raw = data[HEADER_LEN:]
         flagged = bool(raw) and bool(raw[0] & MESH_MAC_FLAG)
         if self._mesh_mac_key is not None:
@@ -912,6 +921,13 @@ class Endpoint:
             # The Noise state may have absorbed the bad message: start over with a fresh one.
             self._restart_initiation(h.session_id, now)
             return
+        if not self._admitted(peer.cell_id):
+            self.drops["not_allowed"] += 1
+            self._end_initiation(h.session_id)
+            self._events.append(
+                HandshakeFailed(ini.addr, ini.expected_cell, "peer is not on the allowlist")
+            )
+            return
         if peer.cell_id != h.src or (
             ini.expected_cell is not None and peer.cell_id != ini.expected_cell
         ):
@@ -1012,6 +1028,12 @@ class Endpoint:
         self._send_init(ini, now)
 
     # ----------------------------------------------------------------- sessions and peers
+
+    def _admitted(self, cell_id: bytes) -> bool:
+        """The ring 0 identity gate, applied to an authenticated CellID."""
+        if cell_id in self._deny:
+            return False
+        return self._allow is None or cell_id in self._allow
 
     def _mesh_mac(self, data: bytes) -> bytes:
         assert self._mesh_mac_key is not None

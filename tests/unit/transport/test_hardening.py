@@ -114,3 +114,38 @@ def test_mesh_key_admits_members_and_silently_ignores_outsiders() -> None:
         plain.receive_datagram(d, ("a", 1), 0.0)
     assert plain.datagrams_to_send() == []
     assert plain.statistics().drops["admission"] == 1
+
+
+def test_allowlist_admits_listed_cellids_only_and_denylist_drops_early() -> None:
+    a_id, b_id, c_id = Identity.generate(), Identity.generate(), Identity.generate()
+    allow_a = NodeConfig(listen=("127.0.0.1:0",), allowlist=(a_id.cell_id.hex(),))
+    b = Endpoint(b_id, allow_a, 0.0, random.Random(2))
+    a = Endpoint(a_id, CONFIG, 0.0, random.Random(1))
+    a.connect(("b", 1), 0.0)
+    _exchange(a, b)
+    assert b.session_for(a.cell_id) is not None  # on the list: admitted
+    c = Endpoint(c_id, CONFIG, 0.0, random.Random(3))
+    c.connect(("b", 1), 0.0)
+    for d, _ in c.datagrams_to_send():
+        b.receive_datagram(d, ("c", 1), 0.0)
+    assert b.datagrams_to_send() == []  # not listed: ignored before any DH
+    assert b.statistics().drops["not_allowed"] == 1
+    # A denied CellID is dropped on arrival, whatever the frame.
+    deny_a = NodeConfig(listen=("127.0.0.1:0",), denylist=(a_id.cell_id.hex(),))
+    d_ep = Endpoint(Identity.generate(), deny_a, 0.0, random.Random(4))
+    a.connect(("d", 1), 0.0)
+    for d, _ in a.datagrams_to_send():
+        d_ep.receive_datagram(d, ("a", 1), 0.0)
+    assert d_ep.statistics().drops == {"denied": 1}
+    assert d_ep.datagrams_to_send() == []
+
+
+def test_initiator_refuses_a_responder_that_is_not_on_its_allowlist() -> None:
+    a_id, b_id = Identity.generate(), Identity.generate()
+    only_c = NodeConfig(listen=("127.0.0.1:0",), allowlist=("cc" * 16,))
+    a = Endpoint(a_id, only_c, 0.0, random.Random(1))
+    b = Endpoint(b_id, CONFIG, 0.0, random.Random(2))
+    a.connect(("b", 1), 0.0)  # dial by address: B answers, but B is not allowed
+    _exchange(a, b)
+    assert a.session_for(b.cell_id) is None
+    assert a.statistics().drops["not_allowed"] >= 1
