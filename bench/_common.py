@@ -381,6 +381,15 @@ def expect(conn: Connection, timeout: float, what: str) -> object:
     return msg
 
 
+def run_child(conn: Connection, body: Callable[[], object]) -> None:
+    """Run a child process's body; any failure is reported to the parent, then re-raised."""
+    try:
+        body()
+    except BaseException as exc:
+        send_error(conn, exc)
+        raise
+
+
 def send_error(conn: Connection, exc: BaseException) -> None:
     """In a child: hand an exception to the parent (best effort)."""
     with contextlib.suppress(Exception):

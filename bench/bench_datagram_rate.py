@@ -59,7 +59,7 @@ from _common import (
     pin,
     print_header,
     report,
-    send_error,
+    run_child,
 )
 from cellmesh.config import NodeConfig
 from cellmesh.identity.keys import Identity
@@ -115,11 +115,7 @@ class Counter:
 
 def node_receiver_child(conn: Connection) -> None:
     """Receiver, ours: a Node; count what recv_datagram hands the application."""
-    try:
-        asyncio.run(_node_receiver(conn))
-    except BaseException as exc:
-        send_error(conn, exc)
-        raise
+    run_child(conn, lambda: asyncio.run(_node_receiver(conn)))
 
 
 async def _node_receiver(conn: Connection) -> None:
@@ -185,11 +181,7 @@ def hot_spots(profiler: cProfile.Profile, top: int = 22) -> str:
 
 def raw_receiver_child(conn: Connection) -> None:
     """Receiver, baseline: drain a non-blocking socket, authenticate each datagram."""
-    try:
-        _raw_receiver(conn)
-    except BaseException as exc:
-        send_error(conn, exc)
-        raise
+    run_child(conn, lambda: _raw_receiver(conn))
 
 
 def _raw_receiver(conn: Connection) -> None:
@@ -253,11 +245,7 @@ def pace(sent: int, elapsed: float, rate: float) -> int:
 
 def node_sender_child(conn: Connection) -> None:
     """Sender, ours: a Node calling send_datagram."""
-    try:
-        asyncio.run(_node_sender(conn))
-    except BaseException as exc:
-        send_error(conn, exc)
-        raise
+    run_child(conn, lambda: asyncio.run(_node_sender(conn)))
 
 
 async def _node_sender(conn: Connection) -> None:
@@ -310,11 +298,7 @@ def _recv_or_stop(conn: Connection) -> tuple[float, float] | None:
 
 def endpoint_sender_child(conn: Connection) -> None:
     """Sender, ours without the Node API: sans-IO Endpoint + a non-blocking UDP socket."""
-    try:
-        _endpoint_sender(conn)
-    except BaseException as exc:
-        send_error(conn, exc)
-        raise
+    run_child(conn, lambda: _endpoint_sender(conn))
 
 
 def _endpoint_sender(conn: Connection) -> None:
@@ -391,11 +375,7 @@ def _endpoint_sender(conn: Connection) -> None:
 
 def raw_sender_child(conn: Connection) -> None:
     """Sender, baseline: raw UDP + ChaCha20-Poly1305, counter nonce, header as AD."""
-    try:
-        _raw_sender(conn)
-    except BaseException as exc:
-        send_error(conn, exc)
-        raise
+    run_child(conn, lambda: _raw_sender(conn))
 
 
 def _raw_sender(conn: Connection) -> None:

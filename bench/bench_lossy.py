@@ -71,6 +71,7 @@ from _common import (
     parse_args,
     print_header,
     report,
+    run_child,
     send_error,
 )
 from bench_bulk import (
@@ -335,11 +336,7 @@ def tun_path(impairment: Impairment, seed: str, lifetime: float = LIFETIME) -> I
 
 def relay_child(conn: Connection) -> None:
     """A UdpChaosRelay on loopback towards the address it is given; ("set", Impairment) changes it."""
-    try:
-        asyncio.run(_relay(conn))
-    except BaseException as exc:
-        send_error(conn, exc)
-        raise
+    run_child(conn, lambda: asyncio.run(_relay(conn)))
 
 
 async def _relay(conn: Connection) -> None:
@@ -369,11 +366,7 @@ async def _relay(conn: Connection) -> None:
 
 def shaper_child(conn: Connection) -> None:
     """A TcpShaper (delay only, no loss) on loopback towards the address it is given."""
-    try:
-        asyncio.run(_shaper(conn))
-    except BaseException as exc:
-        send_error(conn, exc)
-        raise
+    run_child(conn, lambda: asyncio.run(_shaper(conn)))
 
 
 async def _shaper(conn: Connection) -> None:

@@ -45,7 +45,7 @@ from _common import (
     pin,
     print_header,
     report,
-    send_error,
+    run_child,
     summarize,
     unpin,
 )
@@ -70,11 +70,7 @@ def node_config() -> NodeConfig:
 
 def node_echo_child(conn: Connection) -> None:
     """A Node that answers pings (the endpoint does) until the parent says stop."""
-    try:
-        asyncio.run(_node_echo(conn))
-    except BaseException as exc:
-        send_error(conn, exc)
-        raise
+    run_child(conn, lambda: asyncio.run(_node_echo(conn)))
 
 
 async def _node_echo(conn: Connection) -> None:
@@ -115,11 +111,7 @@ def udp_echo_child(conn: Connection) -> None:
 
 def asyncio_echo_child(conn: Connection) -> None:
     """Information: the same echo driven by an asyncio loop (add_reader + drain), no crypto."""
-    try:
-        asyncio.run(_asyncio_echo(conn))
-    except BaseException as exc:
-        send_error(conn, exc)
-        raise
+    run_child(conn, lambda: asyncio.run(_asyncio_echo(conn)))
 
 
 async def _asyncio_echo(conn: Connection) -> None:
