@@ -152,3 +152,25 @@ def test_policy_check_and_explain(tmp_path: Path, cli: type[CliRunner]) -> None:
     r = cli.run("policy", "check", str(home / "broken.cm"))
     assert r.returncode == 1
     assert "broken.cm:1:" in r.stderr
+
+
+def test_delegation_is_clamped_to_the_parent_window(tmp_path: Path, cli: type[CliRunner]) -> None:
+    """A child asking for 30 days under a 1-hour parent gets the parent's expiry, not a refusal."""
+    a, b, c = tmp_path / "a", tmp_path / "b", tmp_path / "c"
+    cli.identity(a)
+    b_cell = cli.identity(b)
+    c_cell = cli.identity(c)
+    root = tmp_path / "b.tok"
+    args = ["telemetry/**", "--rights", "publish,delegate", "--valid-for", "1h"]
+    r = cli.run("--home", str(a), "token", "issue", b_cell, *args, "-o", str(root))
+    assert r.returncode == 0, r.stderr
+    chain = tmp_path / "c.tok"
+    r = cli.run(
+        "--home", str(b), "token", "issue", c_cell, "telemetry/x", "--rights", "publish",
+        "--parent", str(root), "-o", str(chain),
+    )  # fmt: skip
+    assert r.returncode == 0, r.stderr
+    shown = cli.run("token", "show", str(chain)).stdout
+    windows = [line.split("..")[1].strip() for line in shown.splitlines() if "valid" in line]
+    assert len(windows) == 2
+    assert windows[0] == windows[1]

@@ -109,7 +109,12 @@ def token_group() -> None:
 @click.option(
     "--rights", required=True, help="Comma-separated: publish, subscribe, admin, delegate."
 )
-@click.option("--valid-for", default="30d", show_default=True, help="Lifetime (s, m, h, d).")
+@click.option(
+    "--valid-for",
+    default="30d",
+    show_default=True,
+    help="Lifetime (s, m, h, d); a delegation is clamped to its parent's window.",
+)
 @click.option("--parent", type=click.Path(dir_okay=False), help="Chain file to delegate from.")
 @click.option("-o", "--output", default="-", help="Chain file to write (default stdout).")
 @click.pass_obj
@@ -131,13 +136,23 @@ def token_issue(
         cell = parse_cell_id(subject)
         chain = _read_chain(parent) if parent else []
         now = int(time.time())
+        not_before, not_after = now, now + _duration(valid_for)
+        if chain:
+            # A delegation can never outlive its parent, so the window is clamped to the
+            # parent's rather than refused: "30d" under a parent issued a second earlier
+            # would otherwise always overrun it by that second.
+            not_before = max(not_before, chain[-1].not_before)
+            not_after = min(not_after, chain[-1].not_after)
+            if not_after <= not_before:
+                _fail("cannot issue: the parent token has expired")
+                return
         tok = issue_token(
             identity,
             cell,
             pattern,
             _rights(rights),
-            now,
-            now + _duration(valid_for),
+            not_before,
+            not_after,
             os.urandom(16),
             chain[-1] if chain else None,
         )
