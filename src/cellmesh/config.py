@@ -26,6 +26,7 @@ from dataclasses import dataclass, field
 from typing import Any, Final
 
 from cellmesh.errors import ConfigError
+from cellmesh.filter.channels import parse_channel_spec
 
 __all__ = [
     "DEFAULT_PORT",
@@ -51,6 +52,7 @@ LOG_LEVELS: Final = ("debug", "info", "warning", "error")
 LOG_FORMATS: Final = ("text", "json")
 
 MAX_NAME_LEN: Final = 64
+_CAPABILITY_NAME: Final = re.compile(r"[a-z0-9][a-z0-9_.-]{0,31}")
 MIN_REPLAY_WINDOW: Final = 2048
 MAX_REPLAY_WINDOW: Final = 1 << 20
 MAX_REKEY_AFTER_PACKETS: Final = 1 << 63
@@ -220,6 +222,62 @@ class NodeConfig:
         default=8.0,
         metadata=_doc(
             "Phi-accrual suspicion level at which a silent peer is reported suspect (higher = slower)."
+        ),
+    )
+    peer_packet_rate: float = field(
+        default=100000.0,
+        metadata=_doc(
+            "Ring 0: packets per second accepted from one authenticated peer before decryption "
+            "(0 = unlimited); the excess is dropped and counted as peer_rate. The default is above "
+            "what one Python node receives, so it caps floods without slowing a legitimate peer; "
+            "lower it on nodes with many peers to share the CPU fairly."
+        ),
+    )
+    peer_packet_burst: float = field(
+        default=10000.0,
+        metadata=_doc("Ring 0: burst allowance (packets) of the per-peer bucket."),
+    )
+    global_packet_rate: float = field(
+        default=0.0,
+        metadata=_doc(
+            "Ring 0: packets per second accepted from all peers together (0 = unlimited); "
+            "the excess is dropped and counted as global_rate."
+        ),
+    )
+    policy_file: str = field(
+        default="",
+        metadata=_doc(
+            "Ring 1 policy file (docs/policy.md), relative to the home directory; reloaded when "
+            "it changes, and a broken file keeps the policy in force. Empty: pass everything "
+            "that the channel declarations and tokens allow."
+        ),
+    )
+    channels: tuple[str, ...] = field(
+        default=(),
+        metadata=_doc(
+            "Channels this node hosts, each 'PATTERN [open|token] [mesh|local]': token = peers "
+            "need a permission token for the right they ask; local = invisible to peers."
+        ),
+    )
+    trusted_roots: tuple[str, ...] = field(
+        default=(),
+        metadata=_doc(
+            "Ed25519 public keys (64 hex) whose permission tokens this node honours, besides "
+            "its own key, which is always trusted."
+        ),
+    )
+    capabilities: tuple[str, ...] = field(
+        default=(),
+        metadata=_doc(
+            "Capabilities this node advertises to its peers, as 'NAME' or 'NAME=VALUE' "
+            "(e.g. storage, gpu=a100); peers can find nodes by them."
+        ),
+    )
+    threat_list: str = field(
+        default="",
+        metadata=_doc(
+            "Ring 2: file of CellIDs (32 hex per line, # comments) whose channel traffic is "
+            "dropped and who are then banned at ring 0; relative to the home directory."
         ),
     )
 
@@ -578,6 +636,31 @@ def _problems(v: Mapping[str, Any]) -> Iterator[tuple[tuple[str, ...], str]]:
                     f"{list_name} entry {cell[:40]!r} is not a 32-hex-character CellID",
                 )
     yield from int_range("ego", 0, 100)
+    for name in ("peer_packet_rate", "peer_packet_burst", "global_packet_rate"):
+        rate: float = v[name]
+        if not (math.isfinite(rate) and rate >= 0):
+            yield (name,), f"{name} must be a number >= 0, got {rate}"
+    if v["peer_packet_rate"] and v["peer_packet_burst"] < 1:
+        yield (("peer_packet_burst",), "peer_packet_burst must be at least 1 packet")
+    for spec in v["channels"]:
+        try:
+            parse_channel_spec(spec)
+        except ValueError as exc:
+            yield (("channels",), f"channels: {exc}")
+    for key in v["trusted_roots"]:
+        if len(key) != 64 or any(c not in "0123456789abcdefABCDEF" for c in key):
+            yield (
+                ("trusted_roots",),
+                f"trusted_roots entry {key[:40]!r} is not a 64-hex-character Ed25519 public key",
+            )
+    for cap in v["capabilities"]:
+        name, _, value = cap.partition("=")
+        if not _CAPABILITY_NAME.fullmatch(name) or len(value.encode()) > 64:
+            yield (
+                ("capabilities",),
+                f"capabilities entry {cap[:40]!r} must be NAME or NAME=VALUE with NAME "
+                "[a-z0-9][a-z0-9_.-]{0,31} and VALUE at most 64 bytes",
+            )
     yield from int_range("discovery_port", 1, 65535)
     for g in v["discovery_groups"]:
         try:

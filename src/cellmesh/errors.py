@@ -17,7 +17,8 @@ CellmeshError
  ├── KeystoreError               the keystore file is missing, corrupt, too open or locked
  ├── ConfigError                 config.toml or CELLMESH_* variables are invalid
  ├── ControlError                the local control API failed (no node running, bad request)
- └── PeerUnreachableError        no session to that CellID could be made
+ ├── PeerUnreachableError        no session to that CellID could be made
+ └── AccessDeniedError           a peer refused a channel request (token, policy, unknown channel)
 ```
 
 Three tiers (DESIGN.md, conventions 4): undecodable or unauthenticated input is dropped and counted and
@@ -98,3 +99,11 @@ class ControlError(CellmeshError):
 
 class PeerUnreachableError(CellmeshError):
     """No session could be established with the requested CellID."""
+
+
+class AccessDeniedError(CellmeshError):
+    """A channel request was refused; `reason` is the stable word (docs/channels.md)."""
+
+    def __init__(self, message: str, reason: str) -> None:
+        super().__init__(message)
+        self.reason = reason

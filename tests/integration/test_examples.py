@@ -55,3 +55,16 @@ def test_control_client_example_runs(
     assert r.returncode == 0, r.stderr
     assert f"node {a_cell}" in r.stdout
     assert f"ping {b_cell}" in r.stdout
+
+
+def test_channels_example_runs() -> None:
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "channels.py")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    assert "stranger refused: token_required" in r.stdout
+    assert "viewer got b'rpm=3000' on telemetry/engine-3" in r.stdout

@@ -57,6 +57,14 @@ EXPECTED_DEFAULTS: dict[str, object] = {
     "discovery_port": 19541,
     "discovery_groups": ("ff02::1",),
     "failure_threshold": 8.0,
+    "peer_packet_rate": 100000.0,
+    "peer_packet_burst": 10000.0,
+    "global_packet_rate": 0.0,
+    "policy_file": "",
+    "channels": (),
+    "trusted_roots": (),
+    "capabilities": (),
+    "threat_list": "",
 }
 
 
@@ -100,6 +108,9 @@ def test_render_default_config_is_commented_and_complete() -> None:
         "allowlist": [],
         "denylist": [],
         "discovery_groups": ["ff02::1"],
+        "channels": [],
+        "trusted_roots": [],
+        "capabilities": [],
     }
     assert load_config(uncommented, {}) == NodeConfig()
 

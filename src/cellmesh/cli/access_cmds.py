@@ -247,6 +247,17 @@ def token_revoke(obj: object, file: str, output: str) -> None:
     _write_lines(output, [encode_revocation(rev).hex()])
 
 
+@token_group.command("announce")
+@click.argument("file", type=click.Path(dir_okay=False))
+@click.pass_obj
+def token_announce(obj: object, file: str) -> None:
+    """Give a revocation file (from `token revoke`) to the running node: it stops honouring the
+    token at once, ends the grants it gave, and passes the revocation to every peer."""
+    from cellmesh.cli.channel_cmds import announce_revocation
+
+    announce_revocation(obj, file)
+
+
 @click.group("policy")
 def policy_group() -> None:
     """Check a ring-1 policy file and explain its decisions (language: docs/policy.md)."""
@@ -258,6 +269,18 @@ def _load_policy_text(path: str) -> str:
     except (OSError, UnicodeDecodeError) as exc:
         _fail(f"cannot read {path}: {exc}")
         return ""
+
+
+@policy_group.command("reload")
+@click.pass_obj
+def policy_reload(obj: object) -> None:
+    """Make the running node reload its policy_file now (it also does so when the file changes).
+
+    A broken file is refused with its line and column, and the node keeps the policy it had.
+    """
+    from cellmesh.cli.channel_cmds import reload_policy
+
+    reload_policy(obj)
 
 
 @policy_group.command("check")

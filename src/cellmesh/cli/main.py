@@ -20,6 +20,7 @@ from rich.console import Console
 from rich.table import Table
 
 from cellmesh.cli.access_cmds import policy_group, token_group
+from cellmesh.cli.channel_cmds import caps_cmd, channel_group, channels_cmd
 from cellmesh.cli.chaos_cmd import chaos_relay
 from cellmesh.cli.config_options import config_options, overrides_from
 from cellmesh.cli.transfer_cmds import cp_cmd, recv_cmd, send_cmd
@@ -365,6 +366,9 @@ def demo_cmd(nodes: int, pings: int) -> None:
 
 cli.add_command(chaos_relay)
 cli.add_command(token_group)
+cli.add_command(channels_cmd)
+cli.add_command(channel_group)
+cli.add_command(caps_cmd)
 cli.add_command(policy_group)
 cli.add_command(cp_cmd)
 cli.add_command(send_cmd)

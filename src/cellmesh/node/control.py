@@ -36,8 +36,16 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any, Final
 
-from cellmesh.errors import CellmeshError, ControlError, PeerUnreachableError
+from cellmesh.errors import (
+    AccessDeniedError,
+    CellmeshError,
+    ControlError,
+    DecodeError,
+    PeerUnreachableError,
+)
 from cellmesh.identity.cellid import format_cell_id, parse_cell_id
+from cellmesh.identity.tokens import TokenError
+from cellmesh.node.channel_control import CHANNEL_OPS, channel_op
 from cellmesh.node.node import Node
 from cellmesh.node.streams import Stream, StreamError
 from cellmesh.node.transfer import (
@@ -218,6 +226,10 @@ class ControlServer:
             return {"ok": True, "result": await self._op(req)}
         except PeerUnreachableError as exc:
             return {"ok": False, "error": str(exc), "kind": "unreachable"}
+        except AccessDeniedError as exc:
+            return {"ok": False, "error": str(exc), "kind": "access_denied", "reason": exc.reason}
+        except (DecodeError, TokenError) as exc:
+            return {"ok": False, "error": f"bad token or revocation: {exc}", "kind": "bad_request"}
         except (ValueError, TypeError, KeyError) as exc:
             return {"ok": False, "error": f"bad request: {exc}", "kind": "bad_request"}
 
@@ -242,6 +254,8 @@ class ControlServer:
             return {"cell_id": cell.hex()}
         if op == "transfers":
             return [] if self.transfers is None else self.transfers.transfers()
+        if op in CHANNEL_OPS:
+            return await channel_op(node, req)
         raise ValueError(f"unknown op {op!r}")
 
     # ------------------------------------------------------------------ transfer operations
@@ -447,6 +461,8 @@ class ControlClient:
             return reply.get("result")
         if reply.get("kind") == "unreachable":
             raise PeerUnreachableError(str(reply.get("error")))
+        if reply.get("kind") == "access_denied":
+            raise AccessDeniedError(str(reply.get("error")), str(reply.get("reason")))
         raise ControlError(str(reply.get("error")))
 
     # ------------------------------------------------------------------ transfer operations

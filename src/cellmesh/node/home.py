@@ -16,6 +16,7 @@ file involved and, where there is one, the command that fixes it.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import os
 import secrets
 import shlex
@@ -318,7 +319,15 @@ class NodeHome:
                 raise ConfigError(
                     f"{path}: not valid UTF-8 (bad byte at offset {exc.start})"
                 ) from None
-        return _load_config(text, env, overrides, source=str(path))
+        config = _load_config(text, env, overrides, source=str(path))
+        # Files named in the config are relative to the home directory, not to wherever the
+        # command happens to run.
+        policy_file, threat_list = config.policy_file, config.threat_list
+        if policy_file and not Path(policy_file).is_absolute():
+            policy_file = str(self._path / policy_file)
+        if threat_list and not Path(threat_list).is_absolute():
+            threat_list = str(self._path / threat_list)
+        return dataclasses.replace(config, policy_file=policy_file, threat_list=threat_list)
 
     def write_default_config(self) -> bool:
         """Write the commented default config.toml if there is none. Returns True if written."""

@@ -22,13 +22,16 @@ from typing import Any
 from cellmesh.config import NodeConfig, parse_host_port
 from cellmesh.discovery.settings import DiscoverySettings
 from cellmesh.errors import LocalProtocolError, PeerUnreachableError
+from cellmesh.filter.inspection import Inspector
 from cellmesh.identity.cellid import format_cell_id, parse_cell_id
 from cellmesh.identity.keys import Identity
+from cellmesh.node.channels import ChannelDriver
 from cellmesh.node.discovery import DiscoveryDriver
 from cellmesh.node.streams import Stream, StreamError, peer_gone
 from cellmesh.node.udp import Addr, UdpSockets, format_addr
 from cellmesh.transport.endpoint import Endpoint
 from cellmesh.transport.events import (
+    ChannelMessageReceived,
     DatagramReceived,
     EndpointStats,
     HandshakeFailed,
@@ -78,8 +81,10 @@ class Node:
         identity: Identity,
         config: NodeConfig | None = None,
         discovery: DiscoverySettings | None = None,
+        inspectors: list[Inspector] | None = None,
     ) -> None:
         self.identity = identity
+        self._inspectors = inspectors
         self.config = config if config is not None else NodeConfig()
         # Discovery runs only where it can mean something and is wanted: settings were given (or
         # config.discovery is on) and the node listens on a wildcard address. A node bound to
@@ -102,6 +107,7 @@ class Node:
         self._accept: asyncio.Queue[Stream] = asyncio.Queue(MAX_ACCEPT_BACKLOG)
         self._messages: asyncio.Queue[tuple[bytes, bytes]] = asyncio.Queue(MAX_INBOX)
         self._stopped = asyncio.Event()
+        self._channels: ChannelDriver | None = None
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -116,6 +122,13 @@ class Node:
         if self._endpoint is None:
             raise LocalProtocolError("node is not running")
         return self._endpoint
+
+    @property
+    def channels(self) -> ChannelDriver:
+        """Channels, access control, capabilities and inspection (see `ChannelDriver`)."""
+        if self._channels is None:
+            raise LocalProtocolError("node is not running")
+        return self._channels
 
     async def __aenter__(self) -> Node:
         await self.start()
@@ -137,6 +150,13 @@ class Node:
         self._endpoint = Endpoint(
             self.identity, self.config, loop.time(), random.Random(), os.urandom
         )
+        try:
+            self._channels = ChannelDriver(self, self._inspectors)
+        except BaseException:
+            self._udp.close()
+            self._endpoint = None
+            raise
+        self._channels.start()
         for sock in self._udp.sockets:
             loop.add_reader(sock.fileno(), self._on_readable, sock)
         for spec in self.config.peers:
@@ -183,6 +203,8 @@ class Node:
         if self.discovery is not None:
             self.discovery.stop()
             self.discovery = None
+        if self._channels is not None:
+            self._channels.stop()
         self._endpoint.shutdown(self._loop.time())
         self._pump()
         if self._timer is not None:
@@ -327,6 +349,9 @@ class Node:
                 self._messages.put_nowait((ev.cell_id, ev.data))
             except asyncio.QueueFull:
                 self.inbox_dropped += 1
+        elif isinstance(ev, ChannelMessageReceived):
+            if self._channels is not None:
+                self._channels.on_message(ev)
         elif isinstance(ev, PingReply):
             w = self._ping_waiters.pop(ev.ping_id, None)
             if w is not None and not w[1].done():
@@ -350,11 +375,15 @@ class Node:
             for waiter in self._addr_waiters.pop(ev.addr, []):
                 if not waiter.done():
                     waiter.set_result(ev.cell_id)
+            if not ev.rekey and self._channels is not None:
+                self._channels.on_connected(ev.cell_id)
         elif isinstance(ev, PeerDisconnected):
             log.info("peer %s disconnected: %s", format_cell_id(ev.cell_id), ev.reason)
             err = peer_gone(format_cell_id(ev.cell_id), ev.reason)
             for key in [k for k in self._streams if k[0] == ev.cell_id]:
                 self._streams.pop(key)._fail(err)
+            if self._channels is not None:
+                self._channels.on_gone(ev.cell_id)
         elif isinstance(ev, HandshakeFailed):
             who = format_cell_id(ev.cell_id) if ev.cell_id else format_addr(ev.addr)
             log.warning("handshake with %s failed: %s", who, ev.reason)

@@ -69,6 +69,7 @@ STREAM_LIMIT_ERROR = 5
 STREAM_STATE_ERROR = 6
 _STREAM_OVERHEAD = 3 + 13  # record header + STREAM head
 _MSG_OVERHEAD = 3 + 8
+_CHANNEL_EXTRA = 4  # a CHANNEL_MSG also carries the channel hash
 _U64_LIMIT = 2**62
 
 
@@ -263,15 +264,14 @@ class Connection:
             self._local_max_data = self._consumed_total + self.params.connection_window
             self._max_data_pending = True
 
-    def send_message(self, data: bytes) -> None:
-        """Queue a reliable, unordered message."""
-        if len(data) > self.max_message:
-            raise LocalProtocolError(
-                f"message of {len(data)} bytes exceeds {self.max_message}; use a stream"
-            )
+    def send_message(self, data: bytes, channel: int = 0) -> None:
+        """Queue a reliable, unordered message (on the channel with hash `channel` if not 0)."""
+        limit = self.max_message - (_CHANNEL_EXTRA if channel else 0)
+        if len(data) > limit:
+            raise LocalProtocolError(f"message of {len(data)} bytes exceeds {limit}; use a stream")
         if len(self._msgs) >= self.params.max_pending_messages:
             raise LocalProtocolError("too many messages waiting to be sent")
-        self._msgs.append(Msg(self._next_msg_id, data))
+        self._msgs.append(Msg(self._next_msg_id, data, channel))
         self._next_msg_id += 1
 
     @property
@@ -325,7 +325,7 @@ class Connection:
                     self.stats.duplicate_messages += 1
                 else:
                     self._seen_msgs.add(m.msg_id, m.msg_id + 1)
-                    self.events.append(("message", m.data))
+                    self.events.append(("message", m.data, m.channel))
             elif isinstance(m, MaxData):
                 if m.maximum > self._peer_max_data:
                     self._peer_max_data = m.maximum
@@ -756,7 +756,13 @@ class Connection:
         for sid, code in list(self._stop_pending.items()):
             if add(push_message(StopSending(sid, code)), ("x", sid, code)):
                 del self._stop_pending[sid]
-        while self._msgs and used + _MSG_OVERHEAD + len(self._msgs[0].data) <= limit:
+        while self._msgs and (
+            used
+            + _MSG_OVERHEAD
+            + (_CHANNEL_EXTRA if self._msgs[0].channel else 0)
+            + len(self._msgs[0].data)
+            <= limit
+        ):
             m = self._msgs.popleft()
             add(push_message(m), ("m", m))
         # Stream data, round robin: each stream gets one frame per turn.

@@ -49,10 +49,12 @@ from cellmesh.errors import (
     VersionError,
 )
 from cellmesh.filter.buckets import KeyedBuckets, TokenBucket
+from cellmesh.filter.inspection import BanList
 from cellmesh.identity.keys import Identity
 from cellmesh.transport.connection import Connection, ConnectionStats, TransportParams
 from cellmesh.transport.cookies import CookieJar
 from cellmesh.transport.events import (
+    ChannelMessageReceived,
     DatagramReceived,
     EndpointStats,
     Event,
@@ -89,8 +91,10 @@ from cellmesh.wire.header import (
     pull_header_fields,
 )
 from cellmesh.wire.messages import (
+    CHANNEL_CONTROL,
     COOKIE_LEN,
     AppData,
+    ChannelDatagram,
     Close,
     CloseCode,
     CookieReply,
@@ -110,6 +114,12 @@ from cellmesh.wire.messages import (
 
 Addr = tuple[str, int]
 ZERO_COOKIE = bytes(COOKIE_LEN)
+_CHANNEL_OFFSET = 56  # the header's channel hash (docs/wire.md)
+_CHANNEL_END = 60
+_NO_CHANNEL = bytes(4)
+_CHANNEL_DATAGRAM_OVERHEAD = 3 + 4  # record header + channel hash
+MAX_CHANNEL_GATE = 65536
+MAX_BANNED = 4096
 HOUSEKEEPING_INTERVAL = 0.5
 INITIAL_RTO = 0.5
 MAX_QUEUED_PER_PEER = 256
@@ -255,6 +265,17 @@ class Endpoint:
         # Ring 0 identity gate: O(1) set lookups on the header's source CellID, before any crypto.
         self._deny = frozenset(bytes.fromhex(c) for c in config.denylist)
         self._allow = frozenset(bytes.fromhex(c) for c in config.allowlist) or None
+        self._banned = BanList(MAX_BANNED)
+        self._channel_gate: set[bytes] = set()  # CellID + channel hash (4 bytes, big-endian)
+        self._peer_buckets: KeyedBuckets[bytes] | None = None
+        if config.peer_packet_rate > 0:
+            self._peer_buckets = KeyedBuckets(
+                config.peer_packet_rate, config.peer_packet_burst, capacity=config.max_sessions
+            )
+        self._global_bucket: TokenBucket | None = None
+        if config.global_packet_rate > 0:
+            rate = config.global_packet_rate
+            self._global_bucket = TokenBucket(rate, max(1.0, rate / 10), now)
         self._mesh_mac_key: bytes | None = None
         if config.mesh_key:
             self._mesh_mac_key = hashlib.blake2s(
@@ -295,6 +316,11 @@ class Endpoint:
         if src in self._deny:
             self.drops["denied"] += 1
             return
+        if self._banned and src in self._banned:
+            if self._banned.is_banned(src, now):
+                self.drops["banned"] += 1
+                return
+            self._banned.unban(src)
         if ftype == FrameType.DATA:
             self._on_data(src, dst, sid, pn, data, addr, now)
             return
@@ -624,7 +650,10 @@ class Endpoint:
             if kind == "data":
                 ev.append(StreamData(cell, e[1], e[2], e[3]))
             elif kind == "message":
-                ev.append(MessageReceived(cell, e[1]))
+                if e[2]:
+                    ev.append(ChannelMessageReceived(cell, e[2], e[1], True))
+                else:
+                    ev.append(MessageReceived(cell, e[1]))
             elif kind == "opened":
                 ev.append(StreamOpened(cell, e[1]))
             elif kind == "reset":
@@ -678,11 +707,56 @@ class Endpoint:
         p.conn.consumed(stream_id, n)
         self._mark(p, now)
 
-    def send_message(self, cell_id: bytes, data: bytes, now: float) -> None:
-        """Send one reliable (retransmitted until acknowledged), unordered message."""
+    def send_message(self, cell_id: bytes, data: bytes, now: float, channel: int = 0) -> None:
+        """Send one reliable (retransmitted until acknowledged), unordered message.
+
+        With `channel` (a channel hash, not 0) it travels as a CHANNEL_MSG on that channel.
+        """
         p, conn = self._conn(cell_id)
-        conn.send_message(data)
+        conn.send_message(data, channel)
         self._mark(p, now)
+
+    def send_channel_datagram(self, cell_id: bytes, channel: int, data: bytes, now: float) -> None:
+        """Send one unreliable publication on `channel` in a frame of its own.
+
+        The frame's header carries the channel hash, so the receiver's ring 0 gate drops it
+        before decrypting unless it admitted (peer, channel) with `allow_channel`.
+        """
+        if not 0 < channel < CHANNEL_CONTROL:
+            raise LocalProtocolError(f"channel hash {channel:#x} is reserved or out of range")
+        p, conn = self._conn(cell_id)
+        s = p.current
+        assert s is not None
+        # Checked before encoding: a record body over 64 KiB would raise a codec error instead.
+        if len(data) + _CHANNEL_DATAGRAM_OVERHEAD > conn.max_control_record:
+            raise LocalProtocolError(
+                f"channel datagram of {len(data)} bytes does not fit the path MTU to this peer "
+                f"({conn.mtu} bytes now); send it reliably instead"
+            )
+        record = push_message(ChannelDatagram(channel, data))
+        pn = s.send_counter
+        self._out.append((s.seal(record, now, channel), s.addr))
+        conn.note_untracked(pn)
+        self._last_now = now
+
+    def allow_channel(self, cell_id: bytes, channel: int) -> None:
+        """Ring 0: accept channel-tagged frames from `cell_id` on `channel` (bounded set)."""
+        if len(self._channel_gate) >= MAX_CHANNEL_GATE and (
+            cell_id + channel.to_bytes(4, "big") not in self._channel_gate
+        ):
+            raise LocalProtocolError(f"at most {MAX_CHANNEL_GATE} channel admissions")
+        self._channel_gate.add(cell_id + channel.to_bytes(4, "big"))
+
+    def disallow_channel(self, cell_id: bytes, channel: int) -> None:
+        """Ring 0: drop channel-tagged frames from `cell_id` on `channel` again."""
+        self._channel_gate.discard(cell_id + channel.to_bytes(4, "big"))
+
+    def ban(self, cell_id: bytes, until: float) -> None:
+        """Ring 0: drop every datagram from `cell_id` until `until` (ring 2 feeds this)."""
+        self._banned.ban(cell_id, until)
+        p = self._peers.get(cell_id)
+        if p is not None:
+            self._drop_peer(p, "banned by inspection")
 
     def connection_stats(self, cell_id: bytes) -> ConnectionStats | None:
         """Reliability counters of the connection with `cell_id`."""
@@ -717,6 +791,19 @@ class Endpoint:
             return
         if now - s.created >= self.config.reject_after_seconds:
             self.drops["expired_session"] += 1
+            return
+        # Ring 0 rate limits keyed on the (claimed, then authenticated) peer: a flooding peer
+        # costs a dictionary lookup per packet, not a decryption.
+        if self._peer_buckets is not None and not self._peer_buckets.take(src, now):
+            self.drops["peer_rate"] += 1
+            return
+        if self._global_bucket is not None and not self._global_bucket.take(now):
+            self.drops["global_rate"] += 1
+            return
+        tag = data[_CHANNEL_OFFSET:_CHANNEL_END]
+        tagged = tag != _NO_CHANNEL
+        if tagged and src + tag not in self._channel_gate:
+            self.drops["channel_denied"] += 1
             return
         highest_before = s.replay.highest
         try:
@@ -753,6 +840,9 @@ class Endpoint:
             if p.suspect:
                 p.suspect = False
                 self._events.append(PeerStateChanged(p.cell_id, "alive", 0.0))
+        if tagged:
+            self._on_channel_frame(p, int.from_bytes(tag, "big"), plaintext)
+            return
         try:
             msgs = pull_messages(plaintext)
             if p.conn is not None:
@@ -783,6 +873,22 @@ class Endpoint:
             self._seal_to(s, replies, now)
         else:
             self._mark(p, now)
+
+    def _on_channel_frame(self, p: _Peer, channel: int, plaintext: bytes) -> None:
+        """A channel-tagged frame: exactly one CHANNEL_DATAGRAM of the header's channel."""
+        try:
+            msgs = pull_messages(plaintext)
+        except DecodeError:
+            self.drops["channel_mismatch"] += 1
+            return
+        if len(msgs) != 1:
+            self.drops["channel_mismatch"] += 1
+            return
+        m = msgs[0]
+        if not isinstance(m, ChannelDatagram) or m.channel != channel:
+            self.drops["channel_mismatch"] += 1
+            return
+        self._events.append(ChannelMessageReceived(p.cell_id, channel, m.data, False))
 
     # ----------------------------------------------------------------- receive: handshakes
 

@@ -102,6 +102,19 @@ class MessageReceived:
 
 
 @dataclass(frozen=True, slots=True)
+class ChannelMessageReceived:
+    """A message on a channel arrived: reliable (CHANNEL_MSG) or not (a channel-tagged frame).
+
+    `channel` is the 32-bit channel hash; the channel layer maps it back to a name it granted.
+    """
+
+    cell_id: bytes
+    channel: int
+    data: bytes
+    reliable: bool
+
+
+@dataclass(frozen=True, slots=True)
 class PeerStateChanged:
     """The failure detector moved the peer between alive and suspect."""
 
@@ -122,6 +135,7 @@ Event = (
     | StreamWritable
     | StreamFinished
     | MessageReceived
+    | ChannelMessageReceived
     | PeerStateChanged
 )
 

@@ -98,15 +98,22 @@ class Session:
         """Packets sealed with this session's key (what rekey-after-packets counts)."""
         return self.send_counter - self.start_counter
 
-    def seal(self, plaintext: bytes, now: float) -> bytes:
-        """Build a complete DATA datagram carrying `plaintext`."""
+    def seal(self, plaintext: bytes, now: float, channel: int = 0) -> bytes:
+        """Build a complete DATA datagram carrying `plaintext` (header channel hash `channel`)."""
         pn = self.send_counter
         if pn >= REJECT_AFTER_PACKETS:
             raise NonceExhaustedError("session send counter exhausted; a new handshake is needed")
         self.send_counter = pn + 1
         plen = len(plaintext) + AEAD_TAG_LEN
         ad = pack_header(
-            FrameType.DATA, self.local_cell, self.peer.cell_id, self.remote_index, pn, plen, 0
+            FrameType.DATA,
+            self.local_cell,
+            self.peer.cell_id,
+            self.remote_index,
+            pn,
+            plen,
+            0,
+            channel,
         )
         ct = self.send.seal(pn, ad, plaintext)
         wire = bytearray(ad)

@@ -37,6 +37,8 @@ class MsgType(IntEnum):
     MAX_STREAM_DATA = 10
     MSG = 11
     STOP_SENDING = 12
+    CHANNEL_MSG = 13
+    CHANNEL_DATAGRAM = 14
 
 
 class HandshakePattern(IntEnum):
@@ -147,9 +149,24 @@ class MaxStreamData:
 
 @dataclass(frozen=True, slots=True)
 class Msg:
-    """A reliable, unordered application message; `msg_id` lets the receiver drop duplicates."""
+    """A reliable, unordered message; `msg_id` lets the receiver drop duplicates.
+
+    `channel` 0 is a plain application message (record MSG); any other value is the 32-bit hash
+    of the channel it belongs to (record CHANNEL_MSG), with CHANNEL_CONTROL reserved for the
+    channel protocol's own requests and replies.
+    """
 
     msg_id: int
+    data: bytes
+    channel: int = 0
+
+
+@dataclass(frozen=True, slots=True)
+class ChannelDatagram:
+    """An unreliable publication on a channel. It travels alone in a DATA frame whose header
+    carries the same channel hash, so the ring 0 gate can drop it before decrypting."""
+
+    channel: int
     data: bytes
 
 
@@ -173,13 +190,18 @@ Message = (
     | MaxData
     | MaxStreamData
     | Msg
+    | ChannelDatagram
     | Padding
 )
+CHANNEL_CONTROL = 0xFFFFFFFF
+"""The channel hash reserved for the channel protocol (subscribe, publish grants, replies)."""
 MAX_ACK_RANGES = 64
 U32_MAX = 2**32 - 1
 
 _REC = struct.Struct("!BH")
 _U64 = struct.Struct("!Q")
+_U32 = struct.Struct("!I")
+_CHANNEL_MSG = struct.Struct("!QI")
 _U16 = struct.Struct("!H")
 _ACK_HEAD = struct.Struct("!IB")
 _ACK_RANGE = struct.Struct("!QI")
@@ -229,7 +251,11 @@ def push_message(m: Message) -> bytes:
     if isinstance(m, MaxStreamData):
         return _record(MsgType.MAX_STREAM_DATA, _MAX_STREAM.pack(m.stream_id, m.maximum))
     if isinstance(m, Msg):
+        if m.channel:
+            return _record(MsgType.CHANNEL_MSG, _CHANNEL_MSG.pack(m.msg_id, m.channel) + m.data)
         return _record(MsgType.MSG, _U64.pack(m.msg_id) + m.data)
+    if isinstance(m, ChannelDatagram):
+        return _record(MsgType.CHANNEL_DATAGRAM, _U32.pack(m.channel) + m.data)
     return _record(MsgType.PADDING, bytes(m.length))
 
 
@@ -292,6 +318,20 @@ def _decode_one(t: int, body: bytes) -> Message | None:
         if len(body) < 8:
             raise TruncatedError("MSG shorter than its 8-byte id")
         return Msg(_U64.unpack_from(body, 0)[0], body[8:])
+    if t == MsgType.CHANNEL_MSG:
+        if len(body) < _CHANNEL_MSG.size:
+            raise TruncatedError("CHANNEL_MSG shorter than its 12-byte id and channel")
+        msg_id, channel = _CHANNEL_MSG.unpack_from(body, 0)
+        if channel == 0:
+            raise MalformedError("CHANNEL_MSG with channel 0 (plain messages use MSG)")
+        return Msg(msg_id, body[_CHANNEL_MSG.size :], channel)
+    if t == MsgType.CHANNEL_DATAGRAM:
+        if len(body) < _U32.size:
+            raise TruncatedError("CHANNEL_DATAGRAM shorter than its 4-byte channel")
+        (channel,) = _U32.unpack_from(body, 0)
+        if channel in (0, CHANNEL_CONTROL):
+            raise MalformedError(f"CHANNEL_DATAGRAM on reserved channel {channel:#x}")
+        return ChannelDatagram(channel, body[_U32.size :])
     if t == MsgType.PADDING:
         return None
     if t >= 0x80:

@@ -798,7 +798,7 @@ def test_messages_and_padding_and_unknown_records_in_on_packet() -> None:
         0, [Msg(0, b"hello"), Padding(10), Keepalive(), Ping(7), MaxData(1 << 30)], T0
     )
     assert other == [Keepalive(), Ping(7)]  # not transport records: handed back to the caller
-    assert list(b.events) == [("message", b"hello")]
+    assert list(b.events) == [("message", b"hello", 0)]
     b.on_packet(1, [Msg(0, b"hello")], T0)
     assert b.stats.duplicate_messages == 1
     assert len(b.events) == 1

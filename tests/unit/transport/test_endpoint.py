@@ -226,7 +226,7 @@ def test_replayed_data_frame_is_dropped_and_counted() -> None:
     ("offset", "reason"),
     [
         (HEADER_LEN + 2, "auth_failed"),  # ciphertext
-        (56, "auth_failed"),  # channel field is associated data
+        (56, "channel_denied"),  # a channel tag nobody admitted: dropped before decryption
         (8, "session_mismatch"),  # source CellID no longer matches the session
         (24, "not_for_us"),  # destination CellID
         (40, "unknown_session"),  # session id

@@ -67,6 +67,8 @@ def test_constants() -> None:
         "MAX_STREAM_DATA": 10,
         "MSG": 11,
         "STOP_SENDING": 12,
+        "CHANNEL_MSG": 13,
+        "CHANNEL_DATAGRAM": 14,
     }
     assert [int(p) for p in HandshakePattern] == [1, 2]
     assert [int(c) for c in CloseCode] == [0, 1, 2, 3, 4]
@@ -176,7 +178,7 @@ def test_unknown_optional_types_are_skipped(t: int) -> None:
     assert pull_messages(wire) == [Ping(7), AppData(b"after")]
 
 
-@pytest.mark.parametrize("t", [0x0D, 0x10, 0x7F])
+@pytest.mark.parametrize("t", [0x0F, 0x10, 0x7F])
 def test_unknown_mandatory_type_is_malformed(t: int) -> None:
     with pytest.raises(MalformedError, match="mandatory"):
         pull_messages(rec(t, b""))

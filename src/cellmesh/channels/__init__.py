@@ -1,0 +1,1 @@
+"""Channels: subscribe/publish over sessions, with access decided once and checked per packet."""
