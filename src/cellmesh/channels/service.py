@@ -40,6 +40,7 @@ from cellmesh.channels.protocol import (
 )
 from cellmesh.errors import DecodeError, LocalProtocolError, PeerUnreachableError
 from cellmesh.filter.access import AccessController, Grant, Right
+from cellmesh.filter.buckets import KeyedBuckets
 from cellmesh.filter.channels import channel_hash
 from cellmesh.identity.tokens import Revocation as TokenRevocation
 from cellmesh.identity.tokens import (
@@ -49,6 +50,7 @@ from cellmesh.identity.tokens import (
     decode_token,
     encode_revocation,
     encode_token,
+    token_id,
 )
 from cellmesh.transport.endpoint import Endpoint
 from cellmesh.transport.events import ChannelMessageReceived
@@ -58,9 +60,18 @@ MAX_PENDING_REQUESTS: Final = 1024
 MAX_SUBSCRIPTIONS: Final = 65536
 REQUEST_TIMEOUT: Final = 10.0
 MAX_FORWARD_FANOUT: Final = 4096
+REVOKE_RATE: Final = 10.0  # revocations accepted per peer per second
+REVOKE_BURST: Final = 100.0
 _U64_MAX: Final = 2**64 - 1
+_MAX_DETAIL: Final = 200
 
 _RIGHT_OF: Final[dict[Op, Right]] = {Op.SUBSCRIBE: "subscribe", Op.PUBLISH: "publish"}
+
+
+def _clip(text: str, limit: int = _MAX_DETAIL) -> str:
+    """`text` cut to at most `limit` bytes of UTF-8 (on a character boundary): REPLY texts are
+    length-prefixed by one byte, and a policy rule's name may be any Unicode."""
+    return text.encode("utf-8")[:limit].decode("utf-8", "ignore")
 
 
 @dataclass(frozen=True, slots=True)
@@ -139,6 +150,7 @@ class ChannelService:
         self._may_publish: dict[tuple[bytes, int], str] = {}
         self.events: deque[ServiceEvent] = deque()
         self.drops: Counter[str] = Counter()
+        self._revoke_budget: KeyedBuckets[bytes] = KeyedBuckets(REVOKE_RATE, REVOKE_BURST, 1024)
         self.delivered = 0
         self.forwarded = 0
 
@@ -158,7 +170,10 @@ class ChannelService:
         if self._subscriptions.pop((peer, h), None) is None:
             return False
         self.endpoint.disallow_channel(peer, h)
-        self._send_control(peer, Ended(Op.SUBSCRIBE, h, name, "unsubscribed"), now)
+        # A REQUEST, not an ENDED: ENDED always means "the host withdrew", so two nodes that
+        # subscribe to each other's channel of the same name never confuse the two directions.
+        rid = self._request_ids() & 0xFFFFFFFF
+        self._send_control(peer, Request(rid, Op.UNSUBSCRIBE, name), now)
         return True
 
     def publish(self, name: str, data: bytes, now: float, reliable: bool = True) -> int:
@@ -219,7 +234,8 @@ class ChannelService:
         """
         if not self.access.revocations.add(rev):
             return False
-        self.revalidate(wall, now)
+        # Only grants whose chain holds the revoked token can change: re-decide just those.
+        self.revalidate(wall, now, lambda g: any(token_id(t) == rev.token_id for t in g.chain))
         blob = encode_revocation(rev)
         for info in self.endpoint.peers(now):
             self._send_control(info.cell_id, Revoke(blob), now)
@@ -228,7 +244,12 @@ class ChannelService:
     # ------------------------------------------------------------------ input
 
     def on_message(
-        self, ev: ChannelMessageReceived, now: float, wall: float, session_age: float
+        self,
+        ev: ChannelMessageReceived,
+        now: float,
+        wall: float,
+        session_age: float,
+        rate: float = 0.0,
     ) -> None:
         """Handle one channel message from the endpoint."""
         if ev.channel == CHANNEL_CONTROL:
@@ -240,7 +261,7 @@ class ChannelService:
             except DecodeError:
                 self.drops["control_malformed"] += 1
                 return
-            self._on_control(ev.cell_id, msg, now, wall, session_age)
+            self._on_control(ev.cell_id, msg, now, wall, session_age, rate)
             return
         key = (ev.cell_id, ev.channel)
         name = self._subscriptions.get(key)
@@ -292,22 +313,34 @@ class ChannelService:
         return n
 
     def _on_control(
-        self, peer: bytes, msg: Control, now: float, wall: float, session_age: float
+        self,
+        peer: bytes,
+        msg: Control,
+        now: float,
+        wall: float,
+        session_age: float,
+        rate: float = 0.0,
     ) -> None:
         if isinstance(msg, Request):
-            self._on_request(peer, msg, now, wall, session_age)
+            self._on_request(peer, msg, now, wall, session_age, rate)
         elif isinstance(msg, Reply):
-            self._on_reply(peer, msg)
+            self._on_reply(peer, msg, now)
         elif isinstance(msg, Ended):
             self._on_ended(peer, msg)
         elif isinstance(msg, Caps):
             if self._on_caps is not None:
                 self._on_caps(peer, msg.advert, wall)
         else:
-            self._on_revoke(msg, now, wall)
+            self._on_revoke(peer, msg, now, wall)
 
     def _on_request(
-        self, peer: bytes, req: Request, now: float, wall: float, session_age: float
+        self,
+        peer: bytes,
+        req: Request,
+        now: float,
+        wall: float,
+        session_age: float,
+        rate: float = 0.0,
     ) -> None:
         if req.op == Op.UNSUBSCRIBE:
             self._remove_subscriber(peer, req.name)
@@ -316,35 +349,51 @@ class ChannelService:
         try:
             chain = tuple(decode_token(t) for t in req.chain)
         except DecodeError as exc:
-            self._reply(peer, Reply(req.request_id, False, 0, 0, "malformed", str(exc)[:200]), now)
+            self._reply(peer, Reply(req.request_id, False, 0, 0, "malformed", _clip(str(exc))), now)
             return
         verdict = self.access.request(
-            peer, req.name, right, chain, wall=wall, now=now, session_age=session_age
+            peer, req.name, right, chain, wall=wall, now=now, session_age=session_age, rate=rate
         )
         if not verdict.allowed:
             # The controller dropped any grant the peer held for this: end the relation with
             # it, so nothing flows without a grant that expiry or revocation could still end.
             if req.op == Op.SUBSCRIBE:
                 self._remove_subscriber(peer, req.name)
+            else:
+                self._close_publish_gate(peer, req.name)
             self._reply(
                 peer,
-                Reply(req.request_id, False, 0, 0, verdict.reason, verdict.detail[:200]),
+                Reply(req.request_id, False, 0, 0, verdict.reason, _clip(verdict.detail)),
                 now,
             )
             return
         h = channel_hash(req.name)
         if req.op == Op.SUBSCRIBE:
-            subs = self._subscribers.setdefault(h, {})
-            if peer not in subs and self._subscriber_count() >= MAX_SUBSCRIPTIONS:
+            subs = self._subscribers.get(h)
+            if (subs is None or peer not in subs) and self._subscriber_count() >= MAX_SUBSCRIPTIONS:
                 self.access.revoke_grant(peer, right, h)
                 self._reply(peer, Reply(req.request_id, False, 0, 0, "full", ""), now)
                 return
-            subs[peer] = req.name
+            self._subscribers.setdefault(h, {})[peer] = req.name
         else:
-            self.endpoint.allow_channel(peer, h)
+            try:
+                self.endpoint.allow_channel(peer, h)
+            except LocalProtocolError as exc:  # the endpoint's bounded gate is full
+                self.access.revoke_grant(peer, right, h)
+                self._reply(peer, Reply(req.request_id, False, 0, 0, "full", _clip(str(exc))), now)
+                return
         # A token may run to 2**64 - 1; with the skew added, clamp to what REPLY can carry.
         expires = min(int(verdict.expires), _U64_MAX) if verdict.expires is not None else 0
         self._reply(peer, Reply(req.request_id, True, h, expires, "ok", ""), now)
+
+    def _close_publish_gate(self, peer: bytes, name: str) -> None:
+        """Stop admitting `peer`'s datagrams on `name` at ring 0 (unless we subscribed there)."""
+        try:
+            h = channel_hash(name)
+        except ValueError:
+            return
+        if self._may_forget_gate((peer, h)):
+            self.endpoint.disallow_channel(peer, h)
 
     def _subscriber_count(self) -> int:
         return sum(len(v) for v in self._subscribers.values())
@@ -352,23 +401,41 @@ class ChannelService:
     def _reply(self, peer: bytes, reply: Reply, now: float) -> None:
         self._send_control(peer, reply, now)
 
-    def _on_reply(self, peer: bytes, reply: Reply) -> None:
+    def _on_reply(self, peer: bytes, reply: Reply, now: float) -> None:
         pending = self._pending.get(reply.request_id)
         if pending is None or pending.peer != peer:
             self.drops["unexpected_reply"] += 1
             return
         del self._pending[reply.request_id]
         allowed = reply.allowed
+        reason = reply.reason
         if allowed:
             h = channel_hash(pending.name)
             if reply.channel != h:
                 allowed = False
+                reason = "reply_mismatch"
                 self.drops["reply_mismatch"] += 1
             elif pending.op == Op.SUBSCRIBE:
-                self._subscriptions[(peer, h)] = pending.name
-                self.endpoint.allow_channel(peer, h)
+                try:
+                    self.endpoint.allow_channel(peer, h)
+                except LocalProtocolError:  # the endpoint's bounded gate is full: decline
+                    allowed = False
+                    reason = "full"
+                    rid = self._request_ids() & 0xFFFFFFFF
+                    self._send_control(peer, Request(rid, Op.UNSUBSCRIBE, pending.name), now)
+                else:
+                    self._subscriptions[(peer, h)] = pending.name
             else:
                 self._may_publish[(peer, h)] = pending.name
+        else:
+            # Refused: whatever we held for this channel at that peer is over too (a re-request
+            # after a revocation or a policy change must not leave the old relation alive).
+            h = channel_hash(pending.name)
+            if pending.op == Op.SUBSCRIBE:
+                if self._subscriptions.pop((peer, h), None) is not None:
+                    self.endpoint.disallow_channel(peer, h)
+            else:
+                self._may_publish.pop((peer, h), None)
         self.events.append(
             ChannelReply(
                 reply.request_id,
@@ -376,16 +443,14 @@ class ChannelService:
                 pending.name,
                 pending.op,
                 allowed,
-                reply.reason if allowed == reply.allowed else "reply_mismatch",
+                reason,
                 reply.detail,
             )
         )
 
     def _on_ended(self, peer: bytes, msg: Ended) -> None:
         if msg.op == Op.SUBSCRIBE:
-            # Either the subscriber left (we host), or the host dropped our subscription.
-            if self._remove_subscriber(peer, msg.name):
-                return
+            # The host withdrew our subscription (subscribers leave with REQUEST(UNSUBSCRIBE)).
             if self._subscriptions.pop((peer, msg.channel), None) is not None:
                 self.endpoint.disallow_channel(peer, msg.channel)
                 self.events.append(GrantEnded(peer, msg.name, msg.op, msg.reason, True))
@@ -406,19 +471,28 @@ class ChannelService:
         self.access.revoke_grant(peer, "subscribe", h)
         return True
 
-    def _on_revoke(self, msg: Revoke, now: float, wall: float) -> None:
+    def _on_revoke(self, peer: bytes, msg: Revoke, now: float, wall: float) -> None:
+        if not self._revoke_budget.take(peer, now):
+            self.drops["revocation_rate"] += 1
+            return
         try:
             rev = decode_revocation(msg.revocation)
+        except DecodeError:
+            self.drops["revocation_invalid"] += 1
+            return
+        try:
             self.add_revocation(rev, wall, now)
-        except (DecodeError, TokenError):
+        except TokenError:
             self.drops["revocation_invalid"] += 1
 
     # ------------------------------------------------------------------ upkeep
 
-    def revalidate(self, wall: float, now: float) -> list[GrantEnded]:
-        """Re-decide every grant (policy reload, revocation); tell peers whose grant ended."""
+    def revalidate(
+        self, wall: float, now: float, only: Callable[[Grant], bool] | None = None
+    ) -> list[GrantEnded]:
+        """Re-decide grants (all, or those `only` selects); tell peers whose grant ended."""
         ended: list[GrantEnded] = []
-        for grant, verdict in self.access.revalidate(wall, now):
+        for grant, verdict in self.access.revalidate(wall, now, only):
             ended.append(self._end_grant(grant, verdict.reason, now))
         return ended
 

@@ -85,7 +85,13 @@ class AccessController:
         self.channels = channels
         self.trusted_roots = trusted_roots | {own_key}
         self.policy = policy
-        self.revocations = revocations if revocations is not None else RevocationSet()
+        # Revocations by a key we trust as a root are never forgotten; others may give way to
+        # newer ones when the set is full (RevocationSet explains why).
+        self.revocations = (
+            revocations
+            if revocations is not None
+            else RevocationSet(pinned=lambda issuer: issuer in self.trusted_roots)
+        )
         self._capabilities_of = capabilities_of
         self.skew = skew
         self.max_grants = max_grants
@@ -214,10 +220,13 @@ class AccessController:
     # ------------------------------------------------------------------ per packet
 
     def grant(self, peer: bytes, right: Right, h: int, wall: float) -> Grant | None:
-        """The live grant for (peer, right, channel hash), or None. O(1); drops expired ones."""
+        """The live grant for (peer, right, channel hash), or None. O(1).
+
+        A lapsed grant answers None but stays until `expire` removes it, so that the peer is
+        told (ENDED) once, by the periodic sweep, rather than never.
+        """
         g = self._grants.get((peer, right, h))
         if g is not None and g.expires is not None and wall > g.expires:
-            del self._grants[(peer, right, h)]
             return None
         return g
 
@@ -236,13 +245,18 @@ class AccessController:
         gone = [k for k in self._grants if k[0] == peer]
         return [self._grants.pop(k) for k in gone]
 
-    def revalidate(self, wall: float, now: float) -> list[tuple[Grant, Verdict]]:
+    def revalidate(
+        self, wall: float, now: float, only: Callable[[Grant], bool] | None = None
+    ) -> list[tuple[Grant, Verdict]]:
         """Decide every grant again (after a policy reload, a revocation or a declaration change).
 
-        Returns the grants that no longer hold, with the new verdict; they are removed.
+        With `only`, just the grants it selects. Returns the grants that no longer hold, with
+        the new verdict; they are removed.
         """
         lost: list[tuple[Grant, Verdict]] = []
         for key, g in list(self._grants.items()):
+            if only is not None and not only(g):
+                continue
             verdict = self._decide(
                 g.peer,
                 g.channel,

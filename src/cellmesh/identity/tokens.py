@@ -20,7 +20,8 @@ import hmac
 import itertools
 import re
 import struct
-from collections.abc import Iterable, Sequence
+from collections import OrderedDict
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from enum import IntFlag
 
@@ -522,17 +523,27 @@ class RevocationSet:
     """The revocations a node has seen and verified, bounded to `max_entries`.
 
     Entries are keyed by (token id, issuer key), so a revocation signed by anyone but the
-    token's issuer never revokes it (the token id commits to its issuer). When full, `add`
-    refuses new entries rather than forgetting old ones: forgetting would un-revoke tokens.
+    token's issuer never revokes it (the token id commits to its issuer). Revocations whose
+    issuer `pinned` accepts (a trusted root) are never forgotten: when the set is full of them,
+    `add` refuses new ones rather than un-revoking a token. Anyone can sign revocations of tokens
+    it issued, so the others are kept oldest-first and give way, oldest first, to new ones when
+    the set is full: a flood of strangers' revocations can then push out a revocation by a
+    delegated (non-root) issuer, which is why a token that must stay revoked is best revoked at
+    the root (docs/tokens.md).
     """
 
-    __slots__ = ("_entries", "_max_entries")
+    __slots__ = ("_max_entries", "_others", "_pin", "_pinned", "evicted")
 
-    def __init__(self, max_entries: int = 100_000) -> None:
+    def __init__(
+        self, max_entries: int = 100_000, pinned: Callable[[bytes], bool] | None = None
+    ) -> None:
         if max_entries < 1:
             raise ValueError("max_entries must be at least 1")
         self._max_entries = max_entries
-        self._entries: set[tuple[bytes, bytes]] = set()
+        self._pin = pinned
+        self._pinned: set[tuple[bytes, bytes]] = set()
+        self._others: OrderedDict[tuple[bytes, bytes], None] = OrderedDict()
+        self.evicted = 0
 
     def add(self, rev: Revocation) -> bool:
         """Verify and record `rev`; return True if it was new, False if already known.
@@ -547,11 +558,17 @@ class RevocationSet:
         except AuthenticationError as exc:
             raise TokenError("revocation signature did not verify", "bad_signature") from exc
         key = (rev.token_id, rev.issuer)
-        if key in self._entries:
+        if key in self._pinned or key in self._others:
             return False
-        if len(self._entries) >= self._max_entries:
-            raise TokenError(f"revocation set holds {self._max_entries} entries", "full")
-        self._entries.add(key)
+        if len(self) >= self._max_entries:
+            if not self._others:
+                raise TokenError(f"revocation set holds {self._max_entries} entries", "full")
+            self._others.popitem(last=False)
+            self.evicted += 1
+        if self._pin is not None and self._pin(rev.issuer):
+            self._pinned.add(key)
+        else:
+            self._others[key] = None
         return True
 
     def add_all(self, revs: Iterable[Revocation]) -> int:
@@ -560,10 +577,11 @@ class RevocationSet:
 
     def is_revoked(self, token: Token) -> bool:
         """Return whether `token` was revoked by its issuer."""
-        return (token_id(token), token.issuer) in self._entries
+        key = (token_id(token), token.issuer)
+        return key in self._pinned or key in self._others
 
     def __len__(self) -> int:
-        return len(self._entries)
+        return len(self._pinned) + len(self._others)
 
 
 # ---------------------------------------------------------------------------------------------

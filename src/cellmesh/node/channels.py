@@ -393,7 +393,10 @@ class ChannelDriver:
         now = node._now()
         s = node.endpoint.session_for(ev.cell_id)
         age = now - s.created if s is not None else 0.0
-        self.service.on_message(ev, now, time.time(), age)
+        # The policy's `rate` condition: packets per second from this peer over the session so
+        # far (a request is decided once, so a long-run average is the fair measure).
+        rate = s.counters.packets_in / max(age, 1.0) if s is not None else 0.0
+        self.service.on_message(ev, now, time.time(), age, rate)
         self._drain()
 
     def _drain(self) -> None:

@@ -712,6 +712,9 @@ class Endpoint:
 
         With `channel` (a channel hash, not 0) it travels as a CHANNEL_MSG on that channel.
         """
+        if not 0 <= channel <= CHANNEL_CONTROL:
+            # Checked now: the record is encoded later, in a flush, where it could only fail.
+            raise LocalProtocolError(f"channel hash {channel:#x} is out of range")
         p, conn = self._conn(cell_id)
         conn.send_message(data, channel)
         self._mark(p, now)
@@ -791,6 +794,11 @@ class Endpoint:
             return
         if now - s.created >= self.config.reject_after_seconds:
             self.drops["expired_session"] += 1
+            return
+        # A packet number already seen is dropped before it can spend the peer's bucket, so
+        # replayed copies of its traffic cannot starve it.
+        if not s.replay.check(pn):
+            self.drops["replay"] += 1
             return
         # Ring 0 rate limits keyed on the (claimed, then authenticated) peer: a flooding peer
         # costs a dictionary lookup per packet, not a decryption.

@@ -538,11 +538,20 @@ def test_revocation_set_rejects_bad_signature_and_is_bounded(ids: list[Identity]
         revs.add(forged)
     assert info.value.reason == "bad_signature"
     assert revs.add_all(revoke_token(ids[i], chain[i], T0) for i in range(2)) == 2
-    with pytest.raises(TokenError) as info:
-        revs.add(revoke_token(ids[2], chain[2], T0))
-    assert info.value.reason == "full"
-    assert revs.is_revoked(chain[0])
+    # Full of unpinned revocations: the oldest gives way.
+    assert revs.add(revoke_token(ids[2], chain[2], T0))
+    assert revs.evicted == 1
+    assert not revs.is_revoked(chain[0])
     assert revs.is_revoked(chain[1])
-    assert not revs.is_revoked(chain[2])
+    assert revs.is_revoked(chain[2])
+    # Revocations by pinned issuers (trusted roots) are never forgotten: a full set of them
+    # refuses new ones instead.
+    root = ids[0].public_key
+    pinned = RevocationSet(max_entries=1, pinned=lambda issuer: issuer == root)
+    assert pinned.add(revoke_token(ids[0], chain[0], T0))
+    with pytest.raises(TokenError) as info:
+        pinned.add(revoke_token(ids[1], chain[1], T0))
+    assert info.value.reason == "full"
+    assert pinned.is_revoked(chain[0])
     with pytest.raises(ValueError, match="max_entries"):
         RevocationSet(max_entries=0)
