@@ -244,6 +244,23 @@ class NodeConfig:
             "the excess is dropped and counted as global_rate."
         ),
     )
+    relay: bool = field(
+        default=True,
+        metadata=_doc(
+            "Relay frames between neighbours that cannot reach each other (never decrypting "
+            "them); off: only this node's own traffic uses the mesh."
+        ),
+    )
+    relay_rate: float = field(
+        default=20000.0,
+        metadata=_doc(
+            "Frames per second this node relays for one neighbour (0 = unlimited); the excess "
+            "is dropped and counted as relay_rate."
+        ),
+    )
+    relay_burst: float = field(
+        default=2000.0, metadata=_doc("Burst allowance (frames) of the per-neighbour relay budget.")
+    )
     policy_file: str = field(
         default="",
         metadata=_doc(
@@ -636,12 +653,14 @@ def _problems(v: Mapping[str, Any]) -> Iterator[tuple[tuple[str, ...], str]]:
                     f"{list_name} entry {cell[:40]!r} is not a 32-hex-character CellID",
                 )
     yield from int_range("ego", 0, 100)
-    for name in ("peer_packet_rate", "peer_packet_burst", "global_packet_rate"):
+    for name in ("peer_packet_rate", "peer_packet_burst", "global_packet_rate", "relay_rate"):
         rate: float = v[name]
         if not (math.isfinite(rate) and rate >= 0):
             yield (name,), f"{name} must be a number >= 0, got {rate}"
     if v["peer_packet_rate"] and v["peer_packet_burst"] < 1:
         yield (("peer_packet_burst",), "peer_packet_burst must be at least 1 packet")
+    if v["relay_rate"] and not (math.isfinite(v["relay_burst"]) and v["relay_burst"] >= 1):
+        yield (("relay_burst",), "relay_burst must be at least 1 frame")
     for spec in v["channels"]:
         try:
             parse_channel_spec(spec)

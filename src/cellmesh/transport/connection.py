@@ -45,16 +45,20 @@ from cellmesh.wire.messages import (
     Msg,
     MsgType,
     Padding,
+    PathChallenge,
+    PathResponse,
     Ping,
     Pong,
+    Relay,
     ResetStream,
+    Route,
     StopSending,
     StreamFrame,
     push_message,
 )
 
 HEADER_AND_TAG = 64 + 16
-_UNRELIABLE = (Ping, Pong, AppData, Close)
+_UNRELIABLE = (Ping, Pong, AppData, Close, Relay, Route, PathChallenge, PathResponse)
 BASE_MTU = 1200
 PMTU_CANDIDATES = (1452, 2048, 4096, 8192, 9000, 16384, 32768, 65507)
 PMTU_MAX_PROBES = 3
@@ -90,6 +94,7 @@ class TransportParams:
     congestion_control: str = "bbr"
     max_message: int = 60000
     max_pending_messages: int = 100_000
+    base_mtu: int = 1200
 
 
 @dataclass(slots=True)
@@ -132,7 +137,9 @@ class Connection:
     def __init__(self, params: TransportParams, local_even: bool, now: float) -> None:
         self.params = params
         self.rtt = RttEstimator()
-        self.mtu = min(BASE_MTU, params.max_datagram)
+        self.base_mtu = min(params.base_mtu, params.max_datagram)
+        """The size every path must carry: BASE_MTU, less the relay overhead on relayed paths."""
+        self.mtu = self.base_mtu
         self.cc = make_controller(params.congestion_control, self.mtu)
         self.stats = ConnectionStats()
         self.events: deque[tuple[Any, ...]] = deque()
@@ -278,7 +285,7 @@ class Connection:
     def max_message(self) -> int:
         """The largest reliable message: one message travels in one packet."""
         # One message travels in one packet, and a path can always fall back to the base MTU.
-        return min(self.params.max_message, BASE_MTU - HEADER_AND_TAG - _MSG_OVERHEAD)
+        return min(self.params.max_message, self.base_mtu - HEADER_AND_TAG - _MSG_OVERHEAD)
 
     @property
     def max_control_record(self) -> int:
@@ -504,7 +511,7 @@ class Connection:
             self.cc.on_acked(p.size, p.time, sample, now, self.bytes_in_flight)
         if p.probe_size:
             self._pmtu_acked(p.probe_size, now)
-        elif p.size > BASE_MTU:
+        elif p.size > self.base_mtu:
             self._big_losses = 0
             self._last_big_ack = now
         for f in p.frames:
@@ -552,12 +559,12 @@ class Connection:
         if p.probe_size:
             self._pmtu_lost(now)
             return  # probe padding carries nothing to resend
-        if p.size > BASE_MTU and self.mtu > BASE_MTU:
+        if p.size > self.base_mtu and self.mtu > self.base_mtu:
             self._big_losses += 1
             silent = now - self._last_big_ack > 3 * self.rtt.pto(MAX_ACK_DELAY)
             if self._big_losses >= 3 and silent:
                 # A black hole: full-size packets vanish while small ones get through.
-                self._set_mtu(BASE_MTU)
+                self._set_mtu(self.base_mtu)
                 self._pmtu_index = 0
                 self._pmtu_next_probe = now + PMTU_RAISE_INTERVAL / 10
         self._requeue(p)
@@ -567,6 +574,20 @@ class Connection:
     def _set_mtu(self, size: int) -> None:
         self.mtu = size
         self.cc.mss = size
+
+    def set_base_mtu(self, base: int, now: float) -> None:
+        """The path changed (direct <-> relayed): `base` is what it surely carries now.
+
+        Packets larger than it may vanish on the new path, so the size drops to it at once and
+        path MTU discovery probes up again from there.
+        """
+        base = min(base, self.params.max_datagram)
+        if base == self.base_mtu:
+            return
+        self.base_mtu = base
+        self._set_mtu(base)
+        self._pmtu_index = 0
+        self._pmtu_next_probe = now + 0.05
 
     def _pmtu_acked(self, size: int, now: float) -> None:
         self._pmtu_in_flight = False
@@ -827,10 +848,10 @@ class Connection:
                 self.stats.pto_count_total += 1
                 self._probes_due = 2
                 self._last_pto_time = now
-                if self._pto_count >= 2 and self.mtu > BASE_MTU:
+                if self._pto_count >= 2 and self.mtu > self.base_mtu:
                     # Big packets may be vanishing (a black hole before any ACK could tell us):
                     # probe with base-size packets until the path answers again.
-                    self._set_mtu(BASE_MTU)
+                    self._set_mtu(self.base_mtu)
                     self._pmtu_index = 0
                     self._pmtu_next_probe = now + PMTU_RAISE_INTERVAL / 10
                 if self._pto_count == PERSISTENT_CONGESTION_PTOS:

@@ -63,6 +63,7 @@ from cellmesh.transport.events import (
     PeerConnected,
     PeerDisconnected,
     PeerInfo,
+    PeerMoved,
     PeerStateChanged,
     PingReply,
     StreamData,
@@ -78,6 +79,7 @@ from cellmesh.transport.handshake import (
     ResponderHandshake,
     SessionKeys,
 )
+from cellmesh.transport.relay import RELAY_OVERHEAD, RelayGuard, via, via_cell
 from cellmesh.transport.session import AEAD_TAG_LEN, Session
 from cellmesh.wire.header import (
     HEADER_LEN,
@@ -93,6 +95,7 @@ from cellmesh.wire.header import (
 from cellmesh.wire.messages import (
     CHANNEL_CONTROL,
     COOKIE_LEN,
+    PATH_DATA_LEN,
     AppData,
     ChannelDatagram,
     Close,
@@ -101,8 +104,11 @@ from cellmesh.wire.messages import (
     InitBody,
     Keepalive,
     Message,
+    PathChallenge,
+    PathResponse,
     Ping,
     Pong,
+    Relay,
     pull_cookie_reply,
     pull_init_body,
     pull_messages,
@@ -115,10 +121,13 @@ from cellmesh.wire.messages import (
 Addr = tuple[str, int]
 ZERO_COOKIE = bytes(COOKIE_LEN)
 _CHANNEL_OFFSET = 56  # the header's channel hash (docs/wire.md)
+_TTL_OFFSET = 3
 _CHANNEL_END = 60
 _NO_CHANNEL = bytes(4)
 _CHANNEL_DATAGRAM_OVERHEAD = 3 + 4  # record header + channel hash
 MAX_CHANNEL_GATE = 65536
+BASE_DATAGRAM = 1200
+PATH_CHALLENGE_INTERVAL = 1.0  # at most one challenge per peer and new address per second
 MAX_BANNED = 4096
 HOUSEKEEPING_INTERVAL = 0.5
 INITIAL_RTO = 0.5
@@ -206,6 +215,8 @@ class _Peer:
     conn: Connection | None = None
     detector: PhiAccrual | None = None
     suspect: bool = False
+    challenge: tuple[Addr, bytes, float] | None = None
+    """A path validation in flight: the new address, the challenge data, when it was sent."""
 
 
 @dataclass(slots=True)
@@ -266,6 +277,8 @@ class Endpoint:
         self._deny = frozenset(bytes.fromhex(c) for c in config.denylist)
         self._allow = frozenset(bytes.fromhex(c) for c in config.allowlist) or None
         self._banned = BanList(MAX_BANNED)
+        self._route: Callable[[bytes], bytes | None] | None = None
+        self._relay = RelayGuard(config.relay_rate, config.relay_burst, config.max_sessions)
         self._channel_gate: set[bytes] = set()  # CellID + channel hash (4 bytes, big-endian)
         self._peer_buckets: KeyedBuckets[bytes] | None = None
         if config.peer_packet_rate > 0:
@@ -347,6 +360,8 @@ class Endpoint:
                 if dp is not None:
                     self._flush(dp, self._last_now)
         out, self._out = self._out, []
+        if any(a[0][:1] == "~" for _, a in out):
+            out = self._wrap_relayed(out)
         for d, _ in out:
             self._bytes_out += len(d)
         self._datagrams_out += len(out)
@@ -454,8 +469,22 @@ class Endpoint:
             st.next_try = now + min(STATIC_MAX_BACKOFF, 2.0 ** min(st.failures, 5))
 
     def knows_route(self, cell_id: bytes) -> bool:
-        """True when there is a session with `cell_id` or an address to reach it."""
-        return cell_id in self._peers or cell_id in self._known
+        """True when there is a session with `cell_id`, an address, or a route through relays."""
+        return (
+            cell_id in self._peers or cell_id in self._known or self._next_hop(cell_id) is not None
+        )
+
+    def set_router(self, route: Callable[[bytes], bytes | None] | None) -> None:
+        """Install the routing table's next-hop lookup (destination CellID -> neighbour CellID).
+
+        With it, peers without a direct address are reached through relays, and this endpoint
+        relays for its neighbours (unless `config.relay` is off).
+        """
+        self._route = route
+
+    def relay_statistics(self) -> tuple[int, dict[bytes, int]]:
+        """Frames relayed in all, and by the neighbour that handed them over."""
+        return self._relay.relayed_total, dict(self._relay.relayed)
 
     def send_ping(self, cell_id: bytes, now: float, data: bytes = b"") -> int:
         """Send an encrypted echo request; the reply arrives as a `PingReply` event.
@@ -575,6 +604,8 @@ class Endpoint:
             raise LocalProtocolError("cannot send to ourselves")
         known = self._known.get(cell_id)
         addr = p.addr if p is not None else (known[1] if known is not None else None)
+        if addr is None and self._next_hop(cell_id) is not None:
+            addr = via(cell_id)
         if addr is None:
             raise PeerUnreachableError(
                 f"unknown CellID {cell_id.hex()}: no session and no address to reach it"
@@ -830,8 +861,7 @@ class Endpoint:
             return
         # Follow a peer that moved (roaming): only on an authenticated packet newer than any seen.
         if addr != s.addr and (highest_before is None or pn > highest_before):
-            s.addr = addr
-            p.addr = addr
+            self._challenge_path(p, s, addr, now)
         if (
             p.current is not s
             and not s.is_initiator
@@ -874,6 +904,13 @@ class Endpoint:
                     self._events.append(PingReply(p.cell_id, m.ping_id, rtt))
             elif isinstance(m, AppData):
                 self._events.append(DatagramReceived(p.cell_id, m.data))
+            elif isinstance(m, Relay):
+                self._on_relay(p, m, now)
+            elif isinstance(m, PathChallenge):
+                # Answer on the path the challenge came by, whatever our current address is.
+                self._seal_once(s, PathResponse(m.data), addr, now)
+            elif isinstance(m, PathResponse):
+                self._on_path_response(p, s, m, addr, now)
             elif isinstance(m, Close):
                 self._drop_peer(p, f"closed by peer (code {m.code}: {m.reason})")
                 return
@@ -881,6 +918,124 @@ class Endpoint:
             self._seal_to(s, replies, now)
         else:
             self._mark(p, now)
+
+    # ----------------------------------------------------------------- roaming
+
+    def _challenge_path(self, p: _Peer, s: Session, addr: Addr, now: float) -> None:
+        """An authenticated packet came from a new address: prove the peer is there first.
+
+        Traffic keeps going to the old address until the peer answers a random challenge sent
+        to the new one, so someone who replays or spoofs the peer's packets from elsewhere
+        cannot pull its traffic to another host (RFC 9000 path validation).
+        """
+        ch = p.challenge
+        if ch is not None and ch[0] == addr and now - ch[2] < PATH_CHALLENGE_INTERVAL:
+            return
+        data = self._random_bytes(PATH_DATA_LEN)
+        p.challenge = (addr, data, now)
+        self._seal_once(s, PathChallenge(data), addr, now)
+
+    def _on_path_response(
+        self, p: _Peer, s: Session, m: PathResponse, addr: Addr, now: float
+    ) -> None:
+        ch = p.challenge
+        if ch is None or ch[0] != addr or not hmac.compare_digest(ch[1], m.data):
+            self.drops["path_response_unexpected"] += 1
+            return
+        p.challenge = None
+        s.addr = addr
+        if p.current is s or p.current is None:
+            p.addr = addr
+        if p.conn is not None:
+            p.conn.set_base_mtu(_base_mtu(addr), now)
+        self._events.append(PeerMoved(p.cell_id, addr))
+
+    def _seal_once(self, s: Session, msg: Message, addr: Addr, now: float) -> None:
+        """Seal one record for `addr` on session `s`, outside the reliable connection."""
+        p = self._peers.get(s.peer.cell_id)
+        pn = s.send_counter
+        self._out.append((s.seal(push_message(msg), now), addr))
+        if p is not None and p.conn is not None and p.current is s:
+            p.conn.note_untracked(pn)
+
+    # ----------------------------------------------------------------- relaying
+
+    def _next_hop(self, dst: bytes) -> _Peer | None:
+        """The neighbour to hand a frame for `dst` to: routed, with a direct, live session."""
+        if self._route is None:
+            return None
+        hop = self._route(dst)
+        if hop is None:
+            return None
+        p = self._peers.get(hop)
+        if p is None or p.current is None or p.conn is None or via_cell(p.addr) is not None:
+            return None
+        return p
+
+    def _wrap_relayed(self, out: list[tuple[bytes, Addr]]) -> list[tuple[bytes, Addr]]:
+        """Turn frames for virtual addresses into RELAY records for the next hop."""
+        kept: list[tuple[bytes, Addr]] = []
+        for frame, addr in out:
+            dst = via_cell(addr)
+            if dst is None:
+                kept.append((frame, addr))
+            else:
+                self._relay_to(frame, dst, self._last_now, None)
+        kept.extend(self._out)
+        self._out = []
+        return kept
+
+    def _relay_to(self, frame: bytes, dst: bytes, now: float, came_from: bytes | None) -> bool:
+        hop = self._next_hop(dst)
+        if hop is None:
+            self.drops["no_route"] += 1
+            return False
+        if hop.cell_id == came_from:
+            self.drops["relay_loop"] += 1
+            return False
+        s, conn = hop.current, hop.conn
+        assert s is not None
+        assert conn is not None
+        record = push_message(Relay(dst, frame))
+        if len(record) > conn.max_control_record:
+            self.drops["relay_too_big"] += 1
+            return False
+        # Sealed on its own, outside the neighbour's reliable connection: the end-to-end
+        # session above does its own loss recovery and congestion control.
+        pn = s.send_counter
+        self._out.append((s.seal(record, now), hop.addr))
+        conn.note_untracked(pn)
+        return True
+
+    def _on_relay(self, p: _Peer, m: Relay, now: float) -> None:
+        if via_cell(p.addr) is not None:
+            self.drops["relay_nested"] += 1  # a peer we reach through relays cannot relay for us
+            return
+        frame = m.frame
+        if m.dst == self.cell_id:
+            src = frame[8:24]
+            if src == ZERO_CELL:
+                self.drops["relay_malformed"] += 1
+                return
+            # Received "from" the sender's virtual address, so that replies take the mesh too.
+            self.receive_datagram(frame, via(src), now)
+            return
+        if not self.config.relay:
+            self.drops["relay_refused"] += 1
+            return
+        if not self._relay.admit(p.cell_id, now):
+            self.drops["relay_rate"] += 1
+            return
+        ttl = frame[_TTL_OFFSET]
+        if ttl <= 1:
+            self.drops["ttl_expired"] += 1
+            return
+        if self._relay.duplicate(frame):
+            self.drops["relay_duplicate"] += 1
+            return
+        forwarded = frame[:_TTL_OFFSET] + bytes((ttl - 1,)) + frame[_TTL_OFFSET + 1 :]
+        if self._relay_to(forwarded, m.dst, now, p.cell_id):
+            self._relay.count(p.cell_id)
 
     def _on_channel_frame(self, p: _Peer, channel: int, plaintext: bytes) -> None:
         """A channel-tagged frame: exactly one CHANNEL_DATAGRAM of the header's channel."""
@@ -1217,6 +1372,7 @@ class Endpoint:
             # The lower CellID opens even-numbered streams: symmetric, so simultaneous opens agree.
             p.conn = Connection(self._params, self.cell_id < p.cell_id, now)
             p.detector = PhiAccrual(now, self.config.keepalive_interval)
+        p.conn.set_base_mtu(_base_mtu(s.addr), now)
         p.connected = True
         st = self._static.get(s.addr)
         if st is not None and st.cell_id is None:
@@ -1420,6 +1576,11 @@ class Endpoint:
                 break
             del self._pings[pid]
         self._maintain_static_peers(now)
+
+
+def _base_mtu(addr: Addr) -> int:
+    """What a path to `addr` surely carries: 1,200 bytes, less one hop's wrapping if relayed."""
+    return BASE_DATAGRAM - RELAY_OVERHEAD if via_cell(addr) is not None else BASE_DATAGRAM
 
 
 def _addr_key(addr: Addr) -> bytes:

@@ -115,6 +115,14 @@ class ChannelMessageReceived:
 
 
 @dataclass(frozen=True, slots=True)
+class PeerMoved:
+    """A peer's new address passed path validation: traffic to it goes there from now on."""
+
+    cell_id: bytes
+    addr: tuple[str, int]
+
+
+@dataclass(frozen=True, slots=True)
 class PeerStateChanged:
     """The failure detector moved the peer between alive and suspect."""
 
@@ -136,6 +144,7 @@ Event = (
     | StreamFinished
     | MessageReceived
     | ChannelMessageReceived
+    | PeerMoved
     | PeerStateChanged
 )
 

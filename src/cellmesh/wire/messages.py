@@ -39,6 +39,10 @@ class MsgType(IntEnum):
     STOP_SENDING = 12
     CHANNEL_MSG = 13
     CHANNEL_DATAGRAM = 14
+    RELAY = 15
+    ROUTE = 16
+    PATH_CHALLENGE = 17
+    PATH_RESPONSE = 18
 
 
 class HandshakePattern(IntEnum):
@@ -171,6 +175,39 @@ class ChannelDatagram:
 
 
 @dataclass(frozen=True, slots=True)
+class Relay:
+    """A whole cellmesh frame carried one hop towards `dst` (a CellID).
+
+    The hop is an ordinary session between neighbours, so the relay knows which authenticated
+    neighbour handed it the frame; the frame itself stays sealed end to end.
+    """
+
+    dst: bytes
+    frame: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class Route:
+    """A routing protocol message between neighbours (cellmesh.routing encodes the body)."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PathChallenge:
+    """Sent to a peer's new address before traffic follows it there (RFC 9000 style)."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
+class PathResponse:
+    """Echo of a `PathChallenge`, sent back to the address the challenge came from."""
+
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Padding:
     """Filler (path MTU probes); carries nothing."""
 
@@ -191,8 +228,15 @@ Message = (
     | MaxStreamData
     | Msg
     | ChannelDatagram
+    | Relay
+    | Route
+    | PathChallenge
+    | PathResponse
     | Padding
 )
+RELAY_MIN_FRAME = 64
+"""A relayed frame has at least a whole header."""
+PATH_DATA_LEN = 8
 CHANNEL_CONTROL = 0xFFFFFFFF
 """The channel hash reserved for the channel protocol (subscribe, publish grants, replies)."""
 MAX_ACK_RANGES = 64
@@ -256,6 +300,17 @@ def push_message(m: Message) -> bytes:
         return _record(MsgType.MSG, _U64.pack(m.msg_id) + m.data)
     if isinstance(m, ChannelDatagram):
         return _record(MsgType.CHANNEL_DATAGRAM, _U32.pack(m.channel) + m.data)
+    if isinstance(m, Relay):
+        if len(m.dst) != 16 or len(m.frame) < RELAY_MIN_FRAME:
+            raise MalformedError("RELAY needs a 16-byte destination and a whole frame")
+        return _record(MsgType.RELAY, m.dst + m.frame)
+    if isinstance(m, Route):
+        return _record(MsgType.ROUTE, m.data)
+    if isinstance(m, PathChallenge | PathResponse):
+        if len(m.data) != PATH_DATA_LEN:
+            raise MalformedError(f"path validation data must be {PATH_DATA_LEN} bytes")
+        t = MsgType.PATH_CHALLENGE if isinstance(m, PathChallenge) else MsgType.PATH_RESPONSE
+        return _record(t, m.data)
     return _record(MsgType.PADDING, bytes(m.length))
 
 
@@ -332,6 +387,16 @@ def _decode_one(t: int, body: bytes) -> Message | None:
         if channel in (0, CHANNEL_CONTROL):
             raise MalformedError(f"CHANNEL_DATAGRAM on reserved channel {channel:#x}")
         return ChannelDatagram(channel, body[_U32.size :])
+    if t == MsgType.RELAY:
+        if len(body) < 16 + RELAY_MIN_FRAME:
+            raise TruncatedError("RELAY shorter than a destination and a frame header")
+        return Relay(body[:16], body[16:])
+    if t == MsgType.ROUTE:
+        return Route(body)
+    if t == MsgType.PATH_CHALLENGE or t == MsgType.PATH_RESPONSE:
+        if len(body) != PATH_DATA_LEN:
+            raise MalformedError(f"path validation data must be {PATH_DATA_LEN} bytes")
+        return PathChallenge(body) if t == MsgType.PATH_CHALLENGE else PathResponse(body)
     if t == MsgType.PADDING:
         return None
     if t >= 0x80:

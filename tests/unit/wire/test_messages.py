@@ -69,6 +69,10 @@ def test_constants() -> None:
         "STOP_SENDING": 12,
         "CHANNEL_MSG": 13,
         "CHANNEL_DATAGRAM": 14,
+        "RELAY": 15,
+        "ROUTE": 16,
+        "PATH_CHALLENGE": 17,
+        "PATH_RESPONSE": 18,
     }
     assert [int(p) for p in HandshakePattern] == [1, 2]
     assert [int(c) for c in CloseCode] == [0, 1, 2, 3, 4]
@@ -178,7 +182,7 @@ def test_unknown_optional_types_are_skipped(t: int) -> None:
     assert pull_messages(wire) == [Ping(7), AppData(b"after")]
 
 
-@pytest.mark.parametrize("t", [0x0F, 0x10, 0x7F])
+@pytest.mark.parametrize("t", [0x13, 0x40, 0x7F])
 def test_unknown_mandatory_type_is_malformed(t: int) -> None:
     with pytest.raises(MalformedError, match="mandatory"):
         pull_messages(rec(t, b""))
