@@ -15,11 +15,13 @@ help:
 	@echo "make check   lint + test"
 	@echo "make bench   run every benchmark in bench/ and print figures with baseline ratios"
 
-# System packages: a Python with venv/ensurepip, and iproute2 (ip netns) for the namespace tests.
+# System packages: a Python with venv/ensurepip, iproute2 (ip netns) for the namespace tests and
+# nftables for the NAT (masquerade) namespace test.
 sysdeps:
 	@missing=""; \
 	$(PYTHON) -c 'import venv, ensurepip' 2>/dev/null || missing="$$missing python3-venv python3-pip"; \
 	command -v ip >/dev/null 2>&1 || missing="$$missing iproute2"; \
+	command -v nft >/dev/null 2>&1 || missing="$$missing nftables"; \
 	if [ -n "$$missing" ]; then \
 	  if [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null; then \
 	    echo "installing system packages:$$missing"; \

@@ -37,6 +37,7 @@ from cellmesh.transport.stream import RecvStream, SendStream
 from cellmesh.wire.messages import (
     Ack,
     AppData,
+    Candidates,
     Close,
     Keepalive,
     MaxData,
@@ -44,6 +45,7 @@ from cellmesh.wire.messages import (
     Message,
     Msg,
     MsgType,
+    Observed,
     Padding,
     PathChallenge,
     PathResponse,
@@ -58,7 +60,18 @@ from cellmesh.wire.messages import (
 )
 
 HEADER_AND_TAG = 64 + 16
-_UNRELIABLE = (Ping, Pong, AppData, Close, Relay, Route, PathChallenge, PathResponse)
+_UNRELIABLE = (
+    Ping,
+    Pong,
+    AppData,
+    Close,
+    Relay,
+    Route,
+    PathChallenge,
+    PathResponse,
+    Observed,
+    Candidates,
+)
 BASE_MTU = 1200
 PMTU_CANDIDATES = (1452, 2048, 4096, 8192, 9000, 16384, 32768, 65507)
 PMTU_MAX_PROBES = 3

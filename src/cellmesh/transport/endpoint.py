@@ -81,6 +81,16 @@ from cellmesh.transport.handshake import (
 )
 from cellmesh.transport.relay import RELAY_OVERHEAD, RelayGuard, via, via_cell
 from cellmesh.transport.session import AEAD_TAG_LEN, Session
+from cellmesh.transport.traversal import (
+    MAX_PROBE_ADDRS,
+    PUNCH_DURATION,
+    PUNCH_INTERVAL,
+    PUNCH_RETRY_AFTER,
+    Punch,
+    Reflexive,
+    is_ip,
+    usable_candidate,
+)
 from cellmesh.wire.header import (
     HEADER_LEN,
     MAX_PAYLOAD,
@@ -95,8 +105,10 @@ from cellmesh.wire.header import (
 from cellmesh.wire.messages import (
     CHANNEL_CONTROL,
     COOKIE_LEN,
+    MAX_CANDIDATES,
     PATH_DATA_LEN,
     AppData,
+    Candidates,
     ChannelDatagram,
     Close,
     CloseCode,
@@ -104,6 +116,7 @@ from cellmesh.wire.messages import (
     InitBody,
     Keepalive,
     Message,
+    Observed,
     PathChallenge,
     PathResponse,
     Ping,
@@ -217,6 +230,11 @@ class _Peer:
     suspect: bool = False
     challenge: tuple[Addr, bytes, float] | None = None
     """A path validation in flight: the new address, the challenge data, when it was sent."""
+    punch: Punch | None = None
+    punch_failed_at: float | None = None
+    candidates_sent: float | None = None
+    path_note: str = ""
+    """Why the path is what it is (shown by `peers`)."""
 
 
 @dataclass(slots=True)
@@ -278,6 +296,10 @@ class Endpoint:
         self._allow = frozenset(bytes.fromhex(c) for c in config.allowlist) or None
         self._banned = BanList(MAX_BANNED)
         self._route: Callable[[bytes], bytes | None] | None = None
+        self._reflexive = Reflexive()
+        self._punching: set[bytes] = set()  # peers with hole punching in progress
+        self._is_local: Callable[[Addr], bool] = lambda addr: False
+        self._local_candidates: list[Addr] = []
         self._relay = RelayGuard(config.relay_rate, config.relay_burst, config.max_sessions)
         self._channel_gate: set[bytes] = set()  # CellID + channel hash (4 bytes, big-endian)
         self._peer_buckets: KeyedBuckets[bytes] | None = None
@@ -387,12 +409,23 @@ class Endpoint:
             fp = self._peers.get(cell)
             if fp is not None and fp.finish_frame is not None:
                 t = min(t, fp.finish_next)
+        for cell in self._punching:
+            pp = self._peers.get(cell)
+            if pp is not None and pp.punch is not None:
+                t = min(t, pp.punch.next_send)
         return t
 
     def handle_timer(self, now: float) -> None:
         """Retransmit, rekey, keep alive and expire whatever is due at `now`."""
         self._retransmit_initiations(now)
         self._retransmit_finishes(now)
+        if self._punching:
+            for cell in list(self._punching):
+                pp = self._peers.get(cell)
+                if pp is None or pp.punch is None:
+                    self._punching.discard(cell)
+                else:
+                    self._punch(pp, now)
         heap = self._timer_heap
         due: list[bytes] = []
         while heap and heap[0][0] <= now:
@@ -911,6 +944,11 @@ class Endpoint:
                 self._seal_once(s, PathResponse(m.data), addr, now)
             elif isinstance(m, PathResponse):
                 self._on_path_response(p, s, m, addr, now)
+            elif isinstance(m, Observed):
+                if via_cell(addr) is None:
+                    self._reflexive.report(p.cell_id, (m.host, m.port))
+            elif isinstance(m, Candidates):
+                self._on_candidates(p, m, now)
             elif isinstance(m, Close):
                 self._drop_peer(p, f"closed by peer (code {m.code}: {m.reason})")
                 return
@@ -939,16 +977,114 @@ class Endpoint:
         self, p: _Peer, s: Session, m: PathResponse, addr: Addr, now: float
     ) -> None:
         ch = p.challenge
-        if ch is None or ch[0] != addr or not hmac.compare_digest(ch[1], m.data):
+        punched = (
+            p.punch is not None
+            and addr in p.punch.addrs
+            and hmac.compare_digest(p.punch.data, m.data)
+        )
+        if not punched and (ch is None or ch[0] != addr or not hmac.compare_digest(ch[1], m.data)):
             self.drops["path_response_unexpected"] += 1
             return
         p.challenge = None
+        if punched or (via_cell(s.addr) is not None and via_cell(addr) is None):
+            p.punch = None
+            p.path_note = "direct: hole punched" if punched else "direct: the peer came to us"
         s.addr = addr
         if p.current is s or p.current is None:
             p.addr = addr
         if p.conn is not None:
             p.conn.set_base_mtu(_base_mtu(addr), now)
         self._events.append(PeerMoved(p.cell_id, addr))
+
+    # ----------------------------------------------------------------- NAT traversal
+
+    def set_local_check(self, is_local: Callable[[Addr], bool]) -> None:
+        """Install the driver's test for "this address is one of our own sockets"."""
+        self._is_local = is_local
+
+    def set_local_candidates(self, addrs: list[Addr]) -> None:
+        """Addresses of our own that a peer elsewhere might reach (the driver lists them)."""
+        self._local_candidates = [a for a in addrs if usable_candidate(a)][:MAX_CANDIDATES]
+
+    def nat_status(self) -> dict[str, object]:
+        """NAT type, why, and the reflexive addresses our neighbours report."""
+        kind, why = self._reflexive.classify(self._is_local)
+        return {
+            "type": kind,
+            "reason": why,
+            "reflexive": [
+                f"{h}:{p}" if ":" not in h else f"[{h}]:{p}" for h, p in self._reflexive.addresses()
+            ],
+        }
+
+    def _candidates(self) -> list[Addr]:
+        addrs = self._reflexive.addresses()[:4] + self._local_candidates
+        unique = list(dict.fromkeys(a for a in addrs if usable_candidate(a)))
+        return unique[:MAX_CANDIDATES]
+
+    def _offer_candidates(self, p: _Peer, now: float) -> None:
+        """Give a relayed peer our direct addresses so we can both punch towards each other."""
+        if p.current is None or via_cell(p.addr) is None:
+            return
+        if p.candidates_sent is not None and now - p.candidates_sent < PUNCH_DURATION:
+            return
+        ours = self._candidates()
+        if not ours:
+            p.path_note = "relayed: we know no address of ours to offer (no neighbour reported one)"
+            return
+        p.candidates_sent = now
+        self._seal_to(p.current, [Candidates(tuple(ours))], now)
+
+    def _on_candidates(self, p: _Peer, m: Candidates, now: float) -> None:
+        s = p.current
+        if s is None or via_cell(s.addr) is None:
+            return  # already direct
+        addrs = tuple(a for a in m.addrs if usable_candidate(a))[:MAX_PROBE_ADDRS]
+        if not addrs:
+            p.path_note = "relayed: the peer offered no usable address"
+            return
+        p.punch = Punch(addrs, self._random_bytes(PATH_DATA_LEN), now, now)
+        self._punching.add(p.cell_id)
+        p.path_note = f"relayed: hole punching towards {len(addrs)} address(es)"
+        self._offer_candidates(p, now)  # so that both sides probe at the same time
+        self._punch(p, now)
+
+    def _punch(self, p: _Peer, now: float) -> None:
+        pu, s = p.punch, p.current
+        if pu is None or s is None:
+            return
+        if via_cell(s.addr) is None:
+            p.punch = None
+            return
+        if pu.expired(now):
+            p.punch = None
+            p.punch_failed_at = now
+            kind, _ = self._reflexive.classify(self._is_local)
+            hint = " (our NAT maps per destination)" if kind == "endpoint-dependent" else ""
+            p.path_note = (
+                f"relayed: hole punching failed, {pu.sent} probes to {len(pu.addrs)} "
+                f"address(es) unanswered{hint}"
+            )
+            return
+        if pu.due(now):
+            for addr in pu.addrs:
+                self._seal_once(s, PathChallenge(pu.data), addr, now)
+            pu.sent += len(pu.addrs)
+            pu.next_send = now + PUNCH_INTERVAL
+
+    def _maintain_paths(self, now: float) -> None:
+        """Retry punching on relayed sessions, now and then."""
+        for p in self._peers.values():
+            if (
+                p.punch is None
+                and p.current is not None
+                and via_cell(p.addr) is not None
+                and p.punch_failed_at is not None
+                and now - p.punch_failed_at > PUNCH_RETRY_AFTER
+            ):
+                p.punch_failed_at = None
+                p.candidates_sent = None
+                self._offer_candidates(p, now)
 
     def _seal_once(self, s: Session, msg: Message, addr: Addr, now: float) -> None:
         """Seal one record for `addr` on session `s`, outside the reliable connection."""
@@ -1373,6 +1509,14 @@ class Endpoint:
             p.conn = Connection(self._params, self.cell_id < p.cell_id, now)
             p.detector = PhiAccrual(now, self.config.keepalive_interval)
         p.conn.set_base_mtu(_base_mtu(s.addr), now)
+        if via_cell(s.addr) is None:
+            # Tell a direct neighbour where we see it: its reflexive address (NAT traversal).
+            if usable_candidate(s.addr) or is_ip(s.addr[0]):
+                self._seal_to(s, [Observed(s.addr[0], s.addr[1])], now)
+            p.path_note = "direct"
+        else:
+            p.path_note = "relayed: no direct address known"
+            self._offer_candidates(p, now)
         p.connected = True
         st = self._static.get(s.addr)
         if st is not None and st.cell_id is None:
@@ -1515,6 +1659,7 @@ class Endpoint:
 
     def _housekeeping(self, now: float) -> None:
         cfg = self.config
+        self._maintain_paths(now)
         for s in list(self._by_index.values()):
             p = self._peers.get(s.peer.cell_id)
             age = now - s.created

@@ -9,6 +9,7 @@ breaking older peers. Layouts are in docs/wire.md.
 
 from __future__ import annotations
 
+import ipaddress
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
@@ -43,6 +44,8 @@ class MsgType(IntEnum):
     ROUTE = 16
     PATH_CHALLENGE = 17
     PATH_RESPONSE = 18
+    OBSERVED = 19
+    CANDIDATES = 20
 
 
 class HandshakePattern(IntEnum):
@@ -208,6 +211,21 @@ class PathResponse:
 
 
 @dataclass(frozen=True, slots=True)
+class Observed:
+    """The address the sender sees the receiver at: the receiver's reflexive address."""
+
+    host: str
+    port: int
+
+
+@dataclass(frozen=True, slots=True)
+class Candidates:
+    """Addresses at which the sender may be reachable directly (for hole punching)."""
+
+    addrs: tuple[tuple[str, int], ...]
+
+
+@dataclass(frozen=True, slots=True)
 class Padding:
     """Filler (path MTU probes); carries nothing."""
 
@@ -232,8 +250,11 @@ Message = (
     | Route
     | PathChallenge
     | PathResponse
+    | Observed
+    | Candidates
     | Padding
 )
+MAX_CANDIDATES = 8
 RELAY_MIN_FRAME = 64
 """A relayed frame has at least a whole header."""
 PATH_DATA_LEN = 8
@@ -306,6 +327,13 @@ def push_message(m: Message) -> bytes:
         return _record(MsgType.RELAY, m.dst + m.frame)
     if isinstance(m, Route):
         return _record(MsgType.ROUTE, m.data)
+    if isinstance(m, Observed):
+        return _record(MsgType.OBSERVED, _pack_addr(m.host, m.port))
+    if isinstance(m, Candidates):
+        if len(m.addrs) > MAX_CANDIDATES:
+            raise OversizeError(f"at most {MAX_CANDIDATES} candidate addresses")
+        body = bytes([len(m.addrs)]) + b"".join(_pack_addr(h, p) for h, p in m.addrs)
+        return _record(MsgType.CANDIDATES, body)
     if isinstance(m, PathChallenge | PathResponse):
         if len(m.data) != PATH_DATA_LEN:
             raise MalformedError(f"path validation data must be {PATH_DATA_LEN} bytes")
@@ -397,6 +425,25 @@ def _decode_one(t: int, body: bytes) -> Message | None:
         if len(body) != PATH_DATA_LEN:
             raise MalformedError(f"path validation data must be {PATH_DATA_LEN} bytes")
         return PathChallenge(body) if t == MsgType.PATH_CHALLENGE else PathResponse(body)
+    if t == MsgType.OBSERVED:
+        host, port, end = _pull_addr(body, 0)
+        if end != len(body):
+            raise MalformedError("OBSERVED has trailing bytes")
+        return Observed(host, port)
+    if t == MsgType.CANDIDATES:
+        if not body:
+            raise TruncatedError("CANDIDATES without a count")
+        count = body[0]
+        if count > MAX_CANDIDATES:
+            raise OversizeError(f"at most {MAX_CANDIDATES} candidate addresses")
+        addrs = []
+        pos = 1
+        for _ in range(count):
+            host, port, pos = _pull_addr(body, pos)
+            addrs.append((host, port))
+        if pos != len(body):
+            raise MalformedError("CANDIDATES has trailing bytes")
+        return Candidates(tuple(addrs))
     if t == MsgType.PADDING:
         return None
     if t >= 0x80:
@@ -426,6 +473,33 @@ def _decode_ack(body: bytes) -> Ack:
         ranges.append((first, end))
         floor = first
     return Ack(tuple(ranges), delay)
+
+
+def _pack_addr(host: str, port: int) -> bytes:
+    """family (4 or 6) | address (4 or 16 bytes) | port u16."""
+    try:
+        ip = ipaddress.ip_address(host)
+    except ValueError as exc:
+        raise MalformedError(f"not an IP address: {host!r}") from exc
+    if not 0 <= port <= 0xFFFF:
+        raise MalformedError(f"port {port} out of range")
+    return bytes([ip.version]) + ip.packed + _U16.pack(port)
+
+
+def _pull_addr(body: bytes, pos: int) -> tuple[str, int, int]:
+    if pos >= len(body):
+        raise TruncatedError("address cut short")
+    family = body[pos]
+    size = {4: 4, 6: 16}.get(family)
+    if size is None:
+        raise MalformedError(f"unknown address family {family}")
+    end = pos + 1 + size + 2
+    if end > len(body):
+        raise TruncatedError("address cut short")
+    raw = body[pos + 1 : pos + 1 + size]
+    host = str(ipaddress.IPv4Address(raw) if family == 4 else ipaddress.IPv6Address(raw))
+    (port,) = _U16.unpack_from(body, pos + 1 + size)
+    return host, port, end
 
 
 def pull_messages(buf: bytes) -> list[Message]:

@@ -9,7 +9,7 @@ from test_endpoint import CONFIG, Addr, Net
 
 from cellmesh.config import NodeConfig
 from cellmesh.transport.endpoint import Endpoint
-from cellmesh.transport.events import DatagramReceived, PeerConnected, PingReply
+from cellmesh.transport.events import DatagramReceived, PeerConnected, PingReply, StreamData
 from cellmesh.transport.relay import RELAY_OVERHEAD, via, via_cell
 from cellmesh.wire.messages import Relay, pull_messages, push_message
 
@@ -28,7 +28,7 @@ def line(n: int, config: NodeConfig = CONFIG) -> tuple[Net, list[Endpoint], list
     for i in range(n - 1):
         eps[i].connect(addrs[i + 1], net.now)
         net.run()
-    position = {ep.cell_id: i for i, ep in enumerate(eps)}
+    position: dict[bytes, int] = {bytes(ep.cell_id): i for i, ep in enumerate(eps)}
     for i, ep in enumerate(eps):
 
         def route(dst: bytes, i: int = i) -> bytes | None:
@@ -53,11 +53,13 @@ def test_ping_and_datagrams_cross_three_relays_end_to_end() -> None:
     a, e = eps[0], eps[4]
     pid = a.send_ping(e.cell_id, net.now)
     net.advance(1.0)
-    assert any(r.ping_id == pid for r in net.of(addrs[0], PingReply))
+    assert any(isinstance(r, PingReply) and r.ping_id == pid for r in net.events[addrs[0]])
     # An end-to-end session: both ends see each other at a virtual address.
     assert a.session_for(e.cell_id) is not None
     assert e.session_for(a.cell_id) is not None
-    (connected,) = [c for c in net.of(addrs[4], PeerConnected) if c.cell_id == a.cell_id]
+    (connected,) = [
+        c for c in net.events[addrs[4]] if isinstance(c, PeerConnected) and c.cell_id == a.cell_id
+    ]
     assert connected.addr == via(a.cell_id)
     a.send_datagram(e.cell_id, b"hello over the mesh", net.now)
     net.run()
@@ -83,9 +85,9 @@ def test_streams_cross_relays_byte_exact() -> None:
     for _ in range(400):
         net.advance(0.05, tick=0.01)
         for ev in net.events[addrs[3]]:
-            if type(ev).__name__ == "StreamData":
-                received += ev.data  # type: ignore[attr-defined]
-                d.stream_consumed(a.cell_id, ev.stream_id, len(ev.data), net.now)  # type: ignore[attr-defined]
+            if isinstance(ev, StreamData):
+                received += ev.data
+                d.stream_consumed(a.cell_id, ev.stream_id, len(ev.data), net.now)
         net.events[addrs[3]].clear()
         if len(received) >= len(payload):
             break
@@ -133,7 +135,7 @@ def test_relay_budget_per_neighbour() -> None:
 
 
 def test_no_route_is_counted_and_a_bounce_back_is_a_loop() -> None:
-    net, eps, addrs = line(3)
+    net, eps, _addrs = line(3)
     a, b, c = eps
     a.set_router(lambda dst: b.cell_id)  # A believes B leads everywhere
     b.set_router(lambda dst: a.cell_id if dst != a.cell_id else None)  # B points back at A

@@ -73,6 +73,8 @@ def test_constants() -> None:
         "ROUTE": 16,
         "PATH_CHALLENGE": 17,
         "PATH_RESPONSE": 18,
+        "OBSERVED": 19,
+        "CANDIDATES": 20,
     }
     assert [int(p) for p in HandshakePattern] == [1, 2]
     assert [int(c) for c in CloseCode] == [0, 1, 2, 3, 4]
@@ -182,7 +184,7 @@ def test_unknown_optional_types_are_skipped(t: int) -> None:
     assert pull_messages(wire) == [Ping(7), AppData(b"after")]
 
 
-@pytest.mark.parametrize("t", [0x13, 0x40, 0x7F])
+@pytest.mark.parametrize("t", [0x15, 0x40, 0x7F])
 def test_unknown_mandatory_type_is_malformed(t: int) -> None:
     with pytest.raises(MalformedError, match="mandatory"):
         pull_messages(rec(t, b""))
