@@ -92,6 +92,7 @@ class Topology:
         self.hosts: dict[str, Host] = {}
         self._namespaces: list[str] = []
         self._switches: dict[str, str] = {}
+        self._extra_ifaces: dict[str, list[str]] = {}
         self._closed = False
         atexit.register(self.close)
 
@@ -142,6 +143,56 @@ class Topology:
         host = Host(name, ns, ipv4=ipv4.split("/")[0] if ipv4 else None)
         self.hosts[name] = host
         return host
+
+    def attach(self, host: Host, lan: str, ipv4: str | None = None) -> str:
+        """Give `host` one more interface (eth1, eth2, ...) on the bridge `lan`; returns its name."""
+        sw = self.switch(lan)
+        n = 1 + sum(1 for _ in self._extra_ifaces.get(host.name, []))
+        ifname = f"eth{n}"
+        port = f"p{len(self.hosts)}x{n}"
+        _ip("link", "add", ifname, "netns", host.netns, "type", "veth", "peer", "name", port,
+            "netns", sw)  # fmt: skip
+        _ip("-n", sw, "link", "set", port, "master", "br0")
+        _ip("-n", sw, "link", "set", port, "up")
+        _ip("-n", host.netns, "link", "set", ifname, "up")
+        if ipv4 is not None:
+            _ip("-n", host.netns, "addr", "add", ipv4, "dev", ifname)
+        self._extra_ifaces.setdefault(host.name, []).append(ifname)
+        return ifname
+
+    def add_nat_router(
+        self, name: str, inside_lan: str, inside_ipv4: str, outside_lan: str, outside_ipv4: str
+    ) -> Host:
+        """A host that forwards between two LANs and masquerades the inside behind its outside
+        address with nftables (a home router's NAT: one public address, ports rewritten)."""
+        if shutil.which("nft") is None:
+            raise NetnsUnavailable(
+                "nftables' `nft` is missing (make test installs it with apt-get)"
+            )
+        router = self.add_host(name, inside_lan, inside_ipv4)
+        self.attach(router, outside_lan, outside_ipv4)
+        router_run = router.run(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
+        if router_run.returncode != 0:
+            raise RuntimeError(f"cannot enable forwarding: {router_run.stderr.strip()}")
+        rules = (
+            "table ip nat {\n"
+            "  chain postrouting {\n"
+            "    type nat hook postrouting priority srcnat; policy accept;\n"
+            '    oifname "eth1" masquerade\n'
+            "  }\n"
+            "}\n"
+        )
+        r = subprocess.run(
+            router.exec_argv(["nft", "-f", "-"]), input=rules, capture_output=True, text=True,
+            check=False,
+        )  # fmt: skip
+        if r.returncode != 0:
+            raise RuntimeError(f"nft: {r.stderr.strip()}")
+        return router
+
+    def default_route(self, host: Host, via: str) -> None:
+        """Send everything `host` does not reach directly through `via` (its router)."""
+        _ip("-n", host.netns, "route", "add", "default", "via", via)
 
     def close(self) -> None:
         """Kill processes started in the hosts and delete every namespace."""

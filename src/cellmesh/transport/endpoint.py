@@ -66,6 +66,7 @@ from cellmesh.transport.events import (
     PeerMoved,
     PeerStateChanged,
     PingReply,
+    RouteMessageReceived,
     StreamData,
     StreamFinished,
     StreamOpened,
@@ -122,6 +123,7 @@ from cellmesh.wire.messages import (
     Ping,
     Pong,
     Relay,
+    Route,
     pull_cookie_reply,
     pull_init_body,
     pull_messages,
@@ -515,6 +517,27 @@ class Endpoint:
         """
         self._route = route
 
+    def send_route(self, cell_id: bytes, data: bytes, now: float) -> bool:
+        """Send a routing message to a direct neighbour; False if it is not one (or too big)."""
+        p = self._peers.get(cell_id)
+        if p is None or p.current is None or p.conn is None or via_cell(p.addr) is not None:
+            return False
+        record = push_message(Route(data))
+        if len(record) > p.conn.max_control_record:
+            self.drops["route_too_big"] += 1
+            return False
+        p.conn.queue_control(record)
+        self._mark(p, now)
+        return True
+
+    def neighbours(self) -> list[bytes]:
+        """CellIDs of peers with a live session over a direct path."""
+        return [
+            c
+            for c, p in self._peers.items()
+            if p.current is not None and p.conn is not None and via_cell(p.addr) is None
+        ]
+
     def relay_statistics(self) -> tuple[int, dict[bytes, int]]:
         """Frames relayed in all, and by the neighbour that handed them over."""
         return self._relay.relayed_total, dict(self._relay.relayed)
@@ -617,6 +640,8 @@ class Endpoint:
                         p.conn.stats.bytes_retransmitted if p.conn is not None else 0
                     ),
                     open_streams=p.conn.open_streams() if p.conn is not None else 0,
+                    relayed=via_cell(p.addr) is not None,
+                    path_note=p.path_note,
                 )
             )
         return rows
@@ -944,6 +969,11 @@ class Endpoint:
                 self._seal_once(s, PathResponse(m.data), addr, now)
             elif isinstance(m, PathResponse):
                 self._on_path_response(p, s, m, addr, now)
+            elif isinstance(m, Route):
+                if via_cell(addr) is None:  # routing is between direct neighbours only
+                    self._events.append(RouteMessageReceived(p.cell_id, m.data))
+                else:
+                    self.drops["route_not_neighbour"] += 1
             elif isinstance(m, Observed):
                 if via_cell(addr) is None:
                     self._reflexive.report(p.cell_id, (m.host, m.port))

@@ -115,6 +115,14 @@ class ChannelMessageReceived:
 
 
 @dataclass(frozen=True, slots=True)
+class RouteMessageReceived:
+    """A routing protocol message from a direct neighbour (cellmesh.routing decodes it)."""
+
+    cell_id: bytes
+    data: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class PeerMoved:
     """A peer's new address passed path validation: traffic to it goes there from now on."""
 
@@ -145,6 +153,7 @@ Event = (
     | MessageReceived
     | ChannelMessageReceived
     | PeerMoved
+    | RouteMessageReceived
     | PeerStateChanged
 )
 
@@ -171,6 +180,10 @@ class PeerInfo:
     packets_lost: int = 0
     bytes_retransmitted: int = 0
     open_streams: int = 0
+    relayed: bool = False
+    """Reached through relays (its address is virtual) rather than directly."""
+    path_note: str = ""
+    """Why the path is direct or relayed (hole punching outcome, ...)."""
 
 
 @dataclass(frozen=True, slots=True)
