@@ -10,7 +10,9 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import ctypes
 import datetime
+import errno
 import json
 import math
 import multiprocessing
@@ -18,6 +20,7 @@ import multiprocessing.connection
 import os
 import platform
 import signal
+import socket
 import statistics
 import subprocess
 import sys
@@ -474,3 +477,192 @@ def print_header(bench: str, detail: str) -> float | None:
         )
     sys.stdout.flush()
     return busy
+
+
+# ------------------------------------------------------------------------------ floods
+
+
+class _IoVec(ctypes.Structure):
+    _fields_ = [("iov_base", ctypes.c_void_p), ("iov_len", ctypes.c_size_t)]
+
+
+class _MsgHdr(ctypes.Structure):
+    _fields_ = [
+        ("msg_name", ctypes.c_void_p),
+        ("msg_namelen", ctypes.c_uint32),
+        ("msg_iov", ctypes.POINTER(_IoVec)),
+        ("msg_iovlen", ctypes.c_size_t),
+        ("msg_control", ctypes.c_void_p),
+        ("msg_controllen", ctypes.c_size_t),
+        ("msg_flags", ctypes.c_int),
+    ]
+
+
+class _MMsgHdr(ctypes.Structure):
+    _fields_ = [("msg_hdr", _MsgHdr), ("msg_len", ctypes.c_uint)]
+
+
+def _sendmmsg() -> Callable[..., int] | None:
+    """libc's sendmmsg(2) where there is one (Linux), else None."""
+    if not sys.platform.startswith("linux"):
+        return None
+    try:
+        fn = ctypes.CDLL(None, use_errno=True).sendmmsg
+    except (OSError, AttributeError):
+        return None
+    fn.restype = ctypes.c_int
+    fn.argtypes = [ctypes.c_int, ctypes.c_void_p, ctypes.c_uint, ctypes.c_int]
+    result: Callable[..., int] = fn
+    return result
+
+
+class Blaster:
+    """Sends a fixed pool of pre-built datagrams round and round to one address, as fast as the
+    kernel takes them (a flood). `sock` must be a connected UDP socket.
+
+    On Linux it uses sendmmsg(2) through ctypes, `batch` datagrams per system call: each is still
+    a separate datagram on the wire (no GSO), but the interpreter is out of the per-datagram path,
+    so one Python process can outpace a Python receiver. Elsewhere: one `send` per datagram.
+    """
+
+    def __init__(self, sock: socket.socket, pool: Sequence[bytes], batch: int = 256) -> None:
+        if not pool:
+            raise ValueError("empty datagram pool")
+        self.sock = sock
+        self.pool = list(pool)
+        self.batch = max(1, min(batch, len(self.pool)))
+        self.mmsg = _sendmmsg()
+        n = len(self.pool)
+        self._bufs = [ctypes.create_string_buffer(d, len(d)) for d in self.pool]
+        self._iov = (_IoVec * n)()
+        self._msgs = (_MMsgHdr * n)()
+        for i, b in enumerate(self._bufs):
+            self._iov[i].iov_base = ctypes.addressof(b)
+            self._iov[i].iov_len = len(self.pool[i])
+            self._msgs[i].msg_hdr.msg_iov = ctypes.pointer(self._iov[i])
+            self._msgs[i].msg_hdr.msg_iovlen = 1
+        self._base = ctypes.addressof(self._msgs)
+        self._pos = 0
+
+    @property
+    def method(self) -> str:
+        return f"sendmmsg x{self.batch}" if self.mmsg is not None else "send per datagram"
+
+    def blast(self, seconds: float, rate: float = 0.0) -> int:
+        """Send for `seconds` at full speed, or paced at `rate` datagrams/s when `rate` > 0;
+        return how many datagrams the kernel accepted."""
+        clock = time.perf_counter
+        start = clock()
+        deadline = start + seconds
+        sent = 0
+        n = len(self.pool)
+        fd = self.sock.fileno()
+        size = ctypes.sizeof(_MMsgHdr)
+        mmsg = self.mmsg
+        send = self.sock.send
+        pool = self.pool
+        batch = self.batch if rate <= 0 else max(1, min(self.batch, int(rate / 2000) or 1))
+        while (now := clock()) < deadline:
+            count = min(batch, n - self._pos)
+            if rate > 0:
+                due = int((now - start) * rate) + 1 - sent
+                if due <= 0:
+                    time.sleep(min(-due / rate + 1e-4, 0.002))
+                    continue
+                count = min(count, due)
+            if mmsg is not None:
+                r = mmsg(fd, self._base + self._pos * size, count, 0)
+                if r < 0:
+                    err = ctypes.get_errno()
+                    if err in (errno.ECONNREFUSED, errno.EAGAIN, errno.ENOBUFS, errno.EINTR):
+                        continue  # an ICMP error from an earlier datagram, or a full queue
+                    raise OSError(err, f"sendmmsg: {os.strerror(err)}")
+                sent += r
+                self._pos = (self._pos + r) % n
+            else:
+                for _ in range(count):
+                    try:
+                        send(pool[self._pos])
+                        sent += 1
+                    except (ConnectionRefusedError, BlockingIOError):
+                        pass
+                    self._pos = (self._pos + 1) % n
+        return sent
+
+
+def udp_socket_drops(port: int) -> int | None:
+    """Datagrams the kernel dropped at the UDP socket(s) bound to local `port` because the
+    receive buffer was full (the `drops` column of /proc/net/udp and udp6); None off Linux."""
+    total: int | None = None
+    for path in ("/proc/net/udp", "/proc/net/udp6"):
+        try:
+            with open(path, encoding="ascii") as f:
+                lines = f.read().splitlines()[1:]
+        except OSError:
+            continue
+        for line in lines:
+            fields = line.split()
+            if len(fields) < 13:
+                continue
+            try:
+                if int(fields[1].rsplit(":", 1)[1], 16) == port:
+                    total = (total or 0) + int(fields[-1])
+            except ValueError:
+                continue
+    return total
+
+
+_CLK_TCK = os.sysconf("SC_CLK_TCK") if hasattr(os, "sysconf") else 100
+
+
+def machine_task_seconds() -> float | None:
+    """CPU seconds all CPUs have spent running tasks, or lost to other virtual machines (user +
+    nice + system + steal in /proc/stat; not idle, I/O wait or interrupts) since boot; None off
+    Linux."""
+    try:
+        with open("/proc/stat", encoding="ascii") as f:
+            fields = [int(x) for x in f.readline().split()[1:9]]
+    except (OSError, ValueError):
+        return None
+    steal = fields[7] if len(fields) > 7 else 0
+    return (sum(fields[:3]) + steal) / _CLK_TCK
+
+
+def process_cpu_seconds(pid: int) -> float | None:
+    """User + system CPU seconds of process `pid` (all its threads), from /proc; None if gone."""
+    try:
+        with open(f"/proc/{pid}/stat", encoding="ascii") as f:
+            stat = f.read()
+    except OSError:
+        return None
+    fields = stat[stat.rfind(")") + 2 :].split()
+    return (int(fields[11]) + int(fields[12])) / _CLK_TCK
+
+
+class OtherLoad:
+    """How much CPU processes other than `pids` (and this one) used between `start()` and
+    `stop()`, steal by the hypervisor included, as a fraction of all CPUs (the figures of a run
+    are only as good as the machine was quiet)."""
+
+    def __init__(self, pids: Sequence[int]) -> None:
+        self.pids = list(pids)
+        self._t0 = 0.0
+        self._m0: float | None = None
+        self._p0 = 0.0
+
+    def _ours(self) -> float:
+        return sum(process_cpu_seconds(p) or 0.0 for p in [os.getpid(), *self.pids])
+
+    def start(self) -> None:
+        self._t0 = time.monotonic()
+        self._m0 = machine_task_seconds()
+        self._p0 = self._ours()
+
+    def stop(self) -> float | None:
+        """The other processes' share of all CPUs since `start()`, or None where unknown."""
+        m1 = machine_task_seconds()
+        wall = time.monotonic() - self._t0
+        if self._m0 is None or m1 is None or wall <= 0:
+            return None
+        other = (m1 - self._m0) - (self._ours() - self._p0)
+        return max(0.0, other / (wall * len(_START_CPUS)))

@@ -218,6 +218,28 @@ class NodeConfig:
         default=("ff02::1",),
         metadata=_doc("Multicast groups for beacons; add 224.0.0.1 for the IPv4 fallback."),
     )
+    anchor: bool = field(
+        default=True,
+        metadata=_doc(
+            "Take part in the anchor election (docs/anchor.md): members are the peers discovery "
+            "admits; one of them, chosen by a deterministic rule, pulses and hands out epoch keys "
+            "sealed to each member. Runs only when discovery does."
+        ),
+    )
+    anchor_pulse_interval: float = field(
+        default=5.0,
+        metadata=_doc(
+            "Seconds between two pulses of the anchor (0.5 to 60); 3 missed pulses fail it over, "
+            "and a starting node listens that long before it may claim the role."
+        ),
+    )
+    anchor_epoch_seconds: float = field(
+        default=60.0,
+        metadata=_doc(
+            "Seconds between two epoch keys made by the anchor (5 to 86400, and at least two "
+            "pulse intervals)."
+        ),
+    )
     failure_threshold: float = field(
         default=8.0,
         metadata=_doc(
@@ -242,6 +264,20 @@ class NodeConfig:
         metadata=_doc(
             "Ring 0: packets per second accepted from all peers together (0 = unlimited); "
             "the excess is dropped and counted as global_rate."
+        ),
+    )
+    routing: bool = field(
+        default=True,
+        metadata=_doc(
+            "Run the distance-vector routing protocol with direct neighbours, so peers that "
+            "cannot be reached directly are reached through relays."
+        ),
+    )
+    route_update_interval: float = field(
+        default=30.0,
+        metadata=_doc(
+            "Seconds between full routing updates to neighbours (changes are sent at once); "
+            "routes expire after 3.5 intervals without refresh."
         ),
     )
     relay: bool = field(
@@ -653,6 +689,13 @@ def _problems(v: Mapping[str, Any]) -> Iterator[tuple[tuple[str, ...], str]]:
                     f"{list_name} entry {cell[:40]!r} is not a 32-hex-character CellID",
                 )
     yield from int_range("ego", 0, 100)
+    if not (
+        math.isfinite(v["route_update_interval"]) and 1.0 <= v["route_update_interval"] <= 3600
+    ):
+        yield (
+            ("route_update_interval",),
+            f"route_update_interval must be between 1 and 3600 seconds, got {v['route_update_interval']}",
+        )
     for name in ("peer_packet_rate", "peer_packet_burst", "global_packet_rate", "relay_rate"):
         rate: float = v[name]
         if not (math.isfinite(rate) and rate >= 0):
@@ -691,6 +734,24 @@ def _problems(v: Mapping[str, Any]) -> Iterator[tuple[tuple[str, ...], str]]:
                 ("discovery_groups",),
                 f"discovery_groups entry {g[:40]!r} is not a multicast address",
             )
+    pulse: float = v["anchor_pulse_interval"]
+    epoch: float = v["anchor_epoch_seconds"]
+    if not (math.isfinite(pulse) and 0.5 <= pulse <= 60):
+        yield (
+            ("anchor_pulse_interval",),
+            f"anchor_pulse_interval must be between 0.5 and 60 seconds, got {pulse}",
+        )
+    if not (math.isfinite(epoch) and 5 <= epoch <= 86400):
+        yield (
+            ("anchor_epoch_seconds",),
+            f"anchor_epoch_seconds must be between 5 and 86400 seconds, got {epoch}",
+        )
+    elif math.isfinite(pulse) and epoch < 2 * pulse:
+        yield (
+            ("anchor_epoch_seconds", "anchor_pulse_interval"),
+            f"anchor_epoch_seconds ({epoch}) must be at least twice anchor_pulse_interval "
+            f"({pulse}): an epoch spans at least two pulses",
+        )
 
 
 # --- loading ---------------------------------------------------------------------------------

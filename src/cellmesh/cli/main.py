@@ -20,9 +20,11 @@ from rich.console import Console
 from rich.table import Table
 
 from cellmesh.cli.access_cmds import policy_group, token_group
+from cellmesh.cli.anchor_cmd import anchor_cmd
 from cellmesh.cli.channel_cmds import caps_cmd, channel_group, channels_cmd
 from cellmesh.cli.chaos_cmd import chaos_relay
 from cellmesh.cli.config_options import config_options, overrides_from
+from cellmesh.cli.routing_cmds import routes_cmd, trace_cmd
 from cellmesh.cli.transfer_cmds import cp_cmd, recv_cmd, send_cmd
 from cellmesh.errors import CellmeshError, PeerUnreachableError
 from cellmesh.identity.cellid import format_cell_id, parse_cell_id
@@ -226,7 +228,19 @@ def peers_cmd(obj: Ctx, as_json: bool) -> None:
         err.print("no peers connected")
         return
     t = Table(box=None, header_style="bold")
-    cols = ("CellID", "name", "address", "state", "RTT", "MTU", "session age", "in", "out", "lost")
+    cols = (
+        "CellID",
+        "name",
+        "address",
+        "path",
+        "state",
+        "RTT",
+        "MTU",
+        "session age",
+        "in",
+        "out",
+        "lost",
+    )
     for col in cols:
         t.add_column(col, no_wrap=True)
     for r in rows:
@@ -236,6 +250,7 @@ def peers_cmd(obj: Ctx, as_json: bool) -> None:
             r["cell_id"],
             str(found.get("name", "")),
             r["address"],
+            r.get("path_note") or r.get("path", "-"),
             r["state"] if r["state"] == "alive" else f"[yellow]{r['state']}[/]",
             _ms(r.get("rtt_ms")),
             str(r.get("mtu", "-")),
@@ -365,10 +380,13 @@ def demo_cmd(nodes: int, pings: int) -> None:
 
 
 cli.add_command(chaos_relay)
+cli.add_command(anchor_cmd)
 cli.add_command(token_group)
 cli.add_command(channels_cmd)
 cli.add_command(channel_group)
 cli.add_command(caps_cmd)
+cli.add_command(routes_cmd)
+cli.add_command(trace_cmd)
 cli.add_command(policy_group)
 cli.add_command(cp_cmd)
 cli.add_command(send_cmd)

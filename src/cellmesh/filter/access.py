@@ -215,7 +215,7 @@ class AccessController:
             return Decision("pass", None, "no policy", 0, (f"declared by {spec.text()}",))
         caps = self._capabilities_of(peer) if self._capabilities_of is not None else frozenset()
         ctx = Context(peer, channel, caps, rights, trust, session_age, rate)
-        return self.policy.decide(ctx)
+        return self.policy.decide(ctx, reasons=False)
 
     # ------------------------------------------------------------------ per packet
 

@@ -649,14 +649,20 @@ class Policy:
                 return rule
         return self.default
 
-    def decide(self, ctx: Context) -> Decision:
-        """The decision for `ctx`: the first rule whose conditions all hold, else the default."""
+    def decide(self, ctx: Context, *, reasons: bool = True) -> Decision:
+        """The decision for `ctx`: the first rule whose conditions all hold, else the default.
+
+        With `reasons=False` the decision carries no explanation: building the sentences costs
+        more than matching, and the hot path (AccessController) never reads them.
+        """
         rule = self._match(ctx)
+        if not reasons:
+            return Decision(rule.action, rule.argument, rule.name, rule.line, (), rule.index)
         if rule is self.default:
-            reasons: tuple[str, ...] = ("no rule matched",)
+            why: tuple[str, ...] = ("no rule matched",)
         else:
-            reasons = tuple(c.why(ctx) for c in rule.conditions) or ("the rule has no conditions",)
-        return Decision(rule.action, rule.argument, rule.name, rule.line, reasons, rule.index)
+            why = tuple(c.why(ctx) for c in rule.conditions) or ("the rule has no conditions",)
+        return Decision(rule.action, rule.argument, rule.name, rule.line, why, rule.index)
 
     def explain(self, ctx: Context, limit: int = 20) -> str:
         """A human-readable account: which rule decides, why, and why earlier candidates did not."""
@@ -721,8 +727,8 @@ class PolicyHolder:
         self._policy = new
         return None
 
-    def decide(self, ctx: Context) -> Decision:
-        return self._policy.decide(ctx)
+    def decide(self, ctx: Context, *, reasons: bool = True) -> Decision:
+        return self._policy.decide(ctx, reasons=reasons)
 
 
 class Throttles:

@@ -45,6 +45,7 @@ from cellmesh.errors import (
 )
 from cellmesh.identity.cellid import format_cell_id, parse_cell_id
 from cellmesh.identity.tokens import TokenError
+from cellmesh.node.anchor_control import ANCHOR_OPS, anchor_op
 from cellmesh.node.channel_control import CHANNEL_OPS, channel_op
 from cellmesh.node.node import Node
 from cellmesh.node.streams import Stream, StreamError
@@ -256,6 +257,10 @@ class ControlServer:
             return [] if self.transfers is None else self.transfers.transfers()
         if op in CHANNEL_OPS:
             return await channel_op(node, req)
+        if op in ANCHOR_OPS:
+            return anchor_op(node, req)
+        if op in ("routes", "routing", "trace"):
+            return await _routing_op(node, req)
         raise ValueError(f"unknown op {op!r}")
 
     # ------------------------------------------------------------------ transfer operations
@@ -411,6 +416,24 @@ class ControlServer:
             pipe.info.done,
             time.monotonic() - t0,
         )
+
+
+async def _routing_op(node: Node, req: dict[str, Any]) -> Any:
+    routing = node.routing
+    if routing is None:
+        raise ValueError("routing is off on this node (config routing = false)")
+    op = req["op"]
+    if op == "routes":
+        return routing.routes()
+    if op == "routing":
+        return routing.status()
+    hops = int(req.get("max_hops", 16))
+    if not 1 <= hops <= 64:
+        raise ValueError("max_hops must be between 1 and 64")
+    timeout = float(req.get("timeout", 2.0))
+    if not 0 < timeout <= 30:
+        raise ValueError("timeout must be between 0 and 30 seconds")
+    return await routing.trace(parse_cell_id(str(req["cell_id"])), hops, timeout)
 
 
 class ControlClient:

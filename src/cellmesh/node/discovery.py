@@ -20,10 +20,11 @@ import random
 import socket
 import struct
 import time
+from collections.abc import Callable
 from typing import TYPE_CHECKING
 
 from cellmesh.discovery.core import DiscoveryCore
-from cellmesh.discovery.events import PeerDiscovered, PeerExpired, PeerUpdated
+from cellmesh.discovery.events import DiscoveryEvent, PeerDiscovered, PeerExpired, PeerUpdated
 from cellmesh.discovery.settings import DiscoverySettings
 from cellmesh.discovery.table import PeerRecord
 from cellmesh.identity.cellid import format_cell_id
@@ -78,6 +79,9 @@ class DiscoveryDriver:
         self._timer: asyncio.TimerHandle | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self.send_errors = 0
+        self.listeners: list[Callable[[DiscoveryEvent], None]] = []
+        """Called with every discovery event, after this driver has handled it (the anchor
+        driver mirrors admissions and expiries into its membership this way)."""
 
     async def start(self, shared: socket.socket | None = None) -> None:
         """Open the sockets, announce ourselves and ask the link who is there.
@@ -226,6 +230,8 @@ class DiscoveryDriver:
                 self._reach(ev.peer)
             elif isinstance(ev, PeerExpired):
                 log.info("peer %s left the link (%s)", format_cell_id(ev.peer.cell_id), ev.reason)
+            for listener in self.listeners:
+                listener(ev)
         when = core.get_timer()
         if self._timer is not None:
             self._timer.cancel()

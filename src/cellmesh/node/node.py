@@ -20,13 +20,16 @@ from types import TracebackType
 from typing import Any
 
 from cellmesh.config import NodeConfig, parse_host_port
+from cellmesh.discovery.beacon import Capabilities
 from cellmesh.discovery.settings import DiscoverySettings
 from cellmesh.errors import LocalProtocolError, PeerUnreachableError
 from cellmesh.filter.inspection import Inspector
 from cellmesh.identity.cellid import format_cell_id, parse_cell_id
 from cellmesh.identity.keys import Identity
+from cellmesh.node.anchor import ANCHOR_MAGIC, AnchorDriver
 from cellmesh.node.channels import ChannelDriver
 from cellmesh.node.discovery import DiscoveryDriver
+from cellmesh.node.routing import RoutingDriver
 from cellmesh.node.streams import Stream, StreamError, peer_gone
 from cellmesh.node.udp import Addr, UdpSockets, format_addr
 from cellmesh.transport.endpoint import Endpoint
@@ -39,12 +42,15 @@ from cellmesh.transport.events import (
     PeerConnected,
     PeerDisconnected,
     PeerInfo,
+    PeerMoved,
     PingReply,
+    RouteMessageReceived,
     StreamData,
     StreamFinished,
     StreamOpened,
     StreamReset,
     StreamWritable,
+    TraceReply,
 )
 from cellmesh.wire.header import FrameType
 
@@ -91,6 +97,8 @@ class Node:
         # loopback only, as in local tests, never multicasts.
         self._discovery_settings = discovery
         self.discovery: DiscoveryDriver | None = None
+        self.anchor: AnchorDriver | None = None
+        """The anchor election (node/anchor.py): runs while discovery does and config.anchor."""
         self.started_at = time.time()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._udp: UdpSockets | None = None
@@ -108,6 +116,8 @@ class Node:
         self._messages: asyncio.Queue[tuple[bytes, bytes]] = asyncio.Queue(MAX_INBOX)
         self._stopped = asyncio.Event()
         self._channels: ChannelDriver | None = None
+        self.routing: RoutingDriver | None = None
+        self._lane_of: dict[bytes, Addr] = {}  # peers with a socket of their own
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -157,6 +167,10 @@ class Node:
             self._endpoint = None
             raise
         self._channels.start()
+        if self.config.routing:
+            self.routing = RoutingDriver(self)
+            self.routing.start()
+        self._udp_local_check()
         for sock in self._udp.sockets:
             loop.add_reader(sock.fileno(), self._on_readable, sock)
         for spec in self.config.peers:
@@ -189,6 +203,9 @@ class Node:
                 log.warning("discovery disabled: %s", exc)
                 self.discovery.stop()
                 self.discovery = None
+        if self.discovery is not None and self.config.anchor:
+            self.anchor = AnchorDriver(self)  # members come from discovery: only beside it
+            self.anchor.start()
         log.info(
             "node %s listening on %s",
             format_cell_id(self.cell_id),
@@ -200,15 +217,22 @@ class Node:
         """Close sessions politely, then the sockets."""
         if self._endpoint is None or self._loop is None or self._udp is None:
             return
+        if self.anchor is not None:
+            self.anchor.stop()
+            self.anchor = None
         if self.discovery is not None:
             self.discovery.stop()
             self.discovery = None
         if self._channels is not None:
             self._channels.stop()
+        if self.routing is not None:
+            self.routing.stop()
         self._endpoint.shutdown(self._loop.time())
         self._pump()
         if self._timer is not None:
             self._timer.cancel()
+        for cell in list(self._lane_of):
+            self._close_lane(cell)
         for sock in self._udp.sockets:
             self._loop.remove_reader(sock.fileno())
         if self._writing:
@@ -229,6 +253,51 @@ class Node:
         """Run until `request_stop` is called."""
         await self._stopped.wait()
 
+    def _open_lane(self, cell: bytes, addr: Addr) -> None:
+        """A socket of the peer's own (see `UdpSockets.open_lane`): its traffic keeps flowing
+        while a flood fills the shared socket."""
+        udp, loop = self._udp, self._loop
+        if udp is None or loop is None or addr[0].startswith("~") or cell in self._lane_of:
+            return
+        sock = udp.open_lane(addr)
+        if sock is not None:
+            self._lane_of[cell] = addr
+            loop.add_reader(sock.fileno(), self._on_readable, sock)
+            if self._writing:
+                loop.add_writer(sock.fileno(), self._on_writable)
+
+    def _close_lane(self, cell: bytes) -> None:
+        addr = self._lane_of.pop(cell, None)
+        udp, loop = self._udp, self._loop
+        if addr is None or udp is None or loop is None:
+            return
+        sock = udp.close_lane(addr)
+        if sock is not None:
+            loop.remove_reader(sock.fileno())
+            if self._writing:
+                loop.remove_writer(sock.fileno())
+            sock.close()
+
+    def _udp_local_check(self) -> None:
+        """Give the endpoint what NAT traversal needs from the operating system: a test for
+        "this address is one of our sockets" and the specific addresses we listen on."""
+        ep = self._endpoint
+        if ep is None:
+            return
+        ports = {port for _, port in self.local_addresses()}
+        cache: dict[str, bool] = {}
+
+        def is_local(addr: Addr) -> bool:
+            if addr[1] not in ports:
+                return False
+            host = addr[0]
+            if host not in cache:
+                cache[host] = _ip_is_ours(host)
+            return cache[host]
+
+        ep.set_local_check(is_local)
+        ep.set_local_candidates(self.local_addresses())
+
     def local_addresses(self) -> list[Addr]:
         """The addresses the node listens on, with real ports."""
         return self._udp.local_addresses() if self._udp is not None else []
@@ -247,20 +316,27 @@ class Node:
         receive = ep.receive_datagram
         clock = self._loop.time if self._loop is not None else time.monotonic
         disc = self.discovery
+        anchor = self.anchor
         # A timestamp per datagram, not per batch: a batch of hundreds would otherwise make RTT
         # samples look shorter than the path and shrink the congestion window.
         if disc is None:
             udp.drain(sock, lambda data, addr: receive(data, addr, clock()))
         else:
             # Discovery shares the port: BEACON and SOLICIT frames (type byte 6 or 7) go to it.
+            # Anchor messages (byte 0 is 0xCA, never a wire version) go to the anchor driver
+            # while it runs; otherwise the endpoint drops them as bad_version.
             def deliver(data: bytes, addr: Addr) -> None:
-                if len(data) > 1 and data[1] in DISCOVERY_TYPES:
+                if anchor is not None and data and data[0] == ANCHOR_MAGIC:
+                    anchor.feed(data, addr, clock())
+                elif len(data) > 1 and data[1] in DISCOVERY_TYPES:
                     disc.feed(data, addr, clock())
                 else:
                     receive(data, addr, clock())
 
             udp.drain(sock, deliver)
             disc.flush()
+            if anchor is not None:
+                anchor.flush()
         self._pump()
 
     def _on_writable(self) -> None:
@@ -275,7 +351,7 @@ class Node:
         if self._loop is None or self._udp is None or on == self._writing:
             return
         self._writing = on
-        for sock in self._udp.sockets:
+        for sock in self._udp.all_sockets():
             if on:
                 self._loop.add_writer(sock.fileno(), self._on_writable)
             else:
@@ -352,6 +428,18 @@ class Node:
         elif isinstance(ev, ChannelMessageReceived):
             if self._channels is not None:
                 self._channels.on_message(ev)
+        elif isinstance(ev, RouteMessageReceived):
+            if self.routing is not None:
+                self.routing.on_message(ev.cell_id, ev.data)
+        elif isinstance(ev, TraceReply):
+            if self.routing is not None:
+                self.routing.on_trace_reply(ev)
+        elif isinstance(ev, PeerMoved):
+            log.info("peer %s now at %s", format_cell_id(ev.cell_id), format_addr(ev.addr))
+            self._close_lane(ev.cell_id)
+            self._open_lane(ev.cell_id, ev.addr)
+            if self.routing is not None:
+                self.routing.on_moved(ev.cell_id, ev.addr)
         elif isinstance(ev, PingReply):
             w = self._ping_waiters.pop(ev.ping_id, None)
             if w is not None and not w[1].done():
@@ -377,6 +465,9 @@ class Node:
                     waiter.set_result(ev.cell_id)
             if not ev.rekey and self._channels is not None:
                 self._channels.on_connected(ev.cell_id)
+            self._open_lane(ev.cell_id, ev.addr)
+            if self.routing is not None:
+                self.routing.on_connected(ev.cell_id, ev.addr)
         elif isinstance(ev, PeerDisconnected):
             log.info("peer %s disconnected: %s", format_cell_id(ev.cell_id), ev.reason)
             err = peer_gone(format_cell_id(ev.cell_id), ev.reason)
@@ -384,6 +475,9 @@ class Node:
                 self._streams.pop(key)._fail(err)
             if self._channels is not None:
                 self._channels.on_gone(ev.cell_id)
+            self._close_lane(ev.cell_id)
+            if self.routing is not None:
+                self.routing.on_gone(ev.cell_id)
         elif isinstance(ev, HandshakeFailed):
             who = format_cell_id(ev.cell_id) if ev.cell_id else format_addr(ev.addr)
             log.warning("handshake with %s failed: %s", who, ev.reason)
@@ -638,6 +732,8 @@ def peer_dict(p: PeerInfo) -> dict[str, Any]:
         "packets_lost": p.packets_lost,
         "bytes_retransmitted": p.bytes_retransmitted,
         "open_streams": p.open_streams,
+        "path": "relayed" if p.relayed else "direct",
+        "path_note": p.path_note,
     }
 
 
@@ -653,9 +749,21 @@ def discovery_settings_from(config: NodeConfig) -> DiscoverySettings:
         node_type=config.node_type,
         zone=config.zone,
         ego=config.ego,
+        caps=Capabilities(anchor_eligible=config.anchor),  # node/anchor.py: who may hold the role
         group_hosts=groups,
         group_port=config.discovery_port,
     )
+
+
+def _ip_is_ours(host: str) -> bool:
+    """Whether `host` is an address of this machine: binding a throwaway socket to it works."""
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    try:
+        with socket.socket(family, socket.SOCK_DGRAM) as s:
+            s.bind((host, 0))
+    except OSError:
+        return False
+    return True
 
 
 def env_snapshot() -> Mapping[str, str]:

@@ -25,6 +25,10 @@ from cellmesh.config import parse_host_port
 
 Addr = tuple[str, int]
 MAX_BATCH = 512
+SHARED_BATCH = 128
+"""Datagrams drained from a shared (listening) socket per readiness event: small, so that under
+a flood the event loop comes back to the peers' own sockets often."""
+MAX_LANES = 256
 MAX_DATAGRAM = 65535
 MAX_BACKLOG = 4096
 _MAPPED = "::ffff:"
@@ -67,8 +71,10 @@ def normalize_addr(raw: tuple[object, ...]) -> Addr:
 
 
 def format_addr(addr: Addr) -> str:
-    """HOST:PORT with IPv6 hosts in brackets."""
+    """HOST:PORT with IPv6 hosts in brackets; "via mesh" for a peer reached through relays."""
     host, port = addr
+    if host.startswith("~"):
+        return "via mesh"
     return f"[{host}]:{port}" if ":" in host else f"{host}:{port}"
 
 
@@ -96,6 +102,10 @@ class UdpSockets:
         self._v6_dual = False
         self.gso = hasattr(socket.socket, "sendmsg")
         self._gro: set[int] = set()
+        self._lanes: dict[Addr, socket.socket] = {}
+        self._lane_targets: dict[Addr, tuple[object, ...]] = {}
+        self._lane_fds: set[int] = set()
+        self._recv_buffer = recv_buffer
         try:
             for spec in listen:
                 self._bind(spec, recv_buffer)
@@ -114,6 +124,10 @@ class UdpSockets:
             for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
                 with contextlib.suppress(OSError):
                     sock.setsockopt(socket.SOL_SOCKET, opt, recv_buffer)
+            # Lets per-peer connected sockets share the port (see `open_lane`). Only processes
+            # of the same user can join the group, and they can read our keystore anyway.
+            with contextlib.suppress(OSError, AttributeError):
+                sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
             sock.setblocking(False)
             _probe_mode(sock, family)
             sock.bind((host, port))
@@ -137,7 +151,69 @@ class UdpSockets:
         """Where we actually listen (ports resolved when 0 was asked for)."""
         return [normalize_addr(s.getsockname()) for s in self.sockets]
 
+    # ------------------------------------------------------------------ lanes
+
+    def open_lane(self, addr: Addr) -> socket.socket | None:
+        """A socket of its own for an established peer: connected to its address and sharing
+        our port, so the kernel queues that peer's datagrams apart from everything else.
+
+        A flood of junk then overflows only the shared socket's queue: the peers' datagrams
+        are neither dropped with it nor waiting behind it. Returns None when the kernel
+        refuses, the address is not IP, or `MAX_LANES` are open (the shared socket still works).
+        """
+        if addr in self._lanes or len(self._lanes) >= MAX_LANES:
+            return None
+        route = self._route(addr)
+        if route is None:
+            return None
+        shared, target = route
+        family = shared.family
+        local = shared.getsockname()
+        sock = socket.socket(family, socket.SOCK_DGRAM)
+        try:
+            if family == socket.AF_INET6:
+                sock.setsockopt(socket.IPPROTO_IPV6, socket.IPV6_V6ONLY, 0 if self._v6_dual else 1)
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+            for opt in (socket.SO_RCVBUF, socket.SO_SNDBUF):
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, opt, self._recv_buffer)
+            sock.setblocking(False)
+            _probe_mode(sock, family)
+            sock.bind(local[:2] if family == socket.AF_INET else (local[0], local[1], 0, 0))
+            sock.connect(target)
+            with contextlib.suppress(OSError):
+                sock.setsockopt(socket.SOL_UDP, UDP_GRO, 1)
+                self._gro.add(sock.fileno())
+        except (OSError, AttributeError):
+            sock.close()
+            return None
+        self._lanes[addr] = sock
+        self._lane_targets[addr] = target
+        self._lane_fds.add(sock.fileno())
+        return sock
+
+    def close_lane(self, addr: Addr) -> socket.socket | None:
+        """Close the peer's own socket (its datagrams go to the shared socket again)."""
+        sock = self._lanes.pop(addr, None)
+        self._lane_targets.pop(addr, None)
+        if sock is not None:
+            self._lane_fds.discard(sock.fileno())
+            self._gro.discard(sock.fileno())
+        return sock
+
+    @property
+    def lanes(self) -> int:
+        """How many peers have a socket of their own."""
+        return len(self._lanes)
+
+    def all_sockets(self) -> list[socket.socket]:
+        """The shared sockets and the peers' own."""
+        return [*self.sockets, *self._lanes.values()]
+
     def _route(self, addr: Addr) -> tuple[socket.socket, tuple[object, ...]] | None:
+        lane = self._lanes.get(addr)
+        if lane is not None:
+            return lane, self._lane_targets[addr]
         host, port = addr
         if ":" in host:
             if self._v6 is None:
@@ -243,12 +319,14 @@ class UdpSockets:
             self._backlog.popleft()
 
     def drain(self, sock: socket.socket, deliver: Callable[[bytes, Addr], None]) -> int:
-        """Read up to MAX_BATCH datagrams from `sock` and hand each to `deliver`."""
+        """Read a batch of datagrams from `sock` and hand each to `deliver`: up to MAX_BATCH from
+        a peer's own socket, SHARED_BATCH from a shared one (peers first under a flood)."""
+        limit = MAX_BATCH if sock.fileno() in self._lane_fds else SHARED_BATCH
         if sock.fileno() in self._gro:
-            return self._drain_gro(sock, deliver)
+            return self._drain_gro(sock, deliver, limit)
         recv = sock.recvfrom
         n = 0
-        while n < MAX_BATCH:
+        while n < limit:
             try:
                 data, raw = recv(MAX_DATAGRAM)
             except BlockingIOError:
@@ -263,10 +341,12 @@ class UdpSockets:
             deliver(data, normalize_addr(raw))
         return n
 
-    def _drain_gro(self, sock: socket.socket, deliver: Callable[[bytes, Addr], None]) -> int:
+    def _drain_gro(
+        self, sock: socket.socket, deliver: Callable[[bytes, Addr], None], limit: int
+    ) -> int:
         recv = sock.recvmsg
         n = 0
-        while n < MAX_BATCH:
+        while n < limit:
             try:
                 data, anc, _flags, raw = recv(MAX_DATAGRAM, _GRO_CMSG_SPACE)
             except BlockingIOError:
@@ -295,3 +375,7 @@ class UdpSockets:
         for s in self.sockets:
             s.close()
         self.sockets.clear()
+        for lane in self._lanes.values():
+            lane.close()
+        self._lanes.clear()
+        self._lane_fds.clear()

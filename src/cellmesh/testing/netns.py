@@ -164,7 +164,8 @@ class Topology:
         self, name: str, inside_lan: str, inside_ipv4: str, outside_lan: str, outside_ipv4: str
     ) -> Host:
         """A host that forwards between two LANs and masquerades the inside behind its outside
-        address with nftables (a home router's NAT: one public address, ports rewritten)."""
+        address with nftables (a home router's NAT: one public address, ports rewritten, and
+        nothing unsolicited accepted from outside for the router itself)."""
         if shutil.which("nft") is None:
             raise NetnsUnavailable(
                 "nftables' `nft` is missing (make test installs it with apt-get)"
@@ -174,11 +175,21 @@ class Topology:
         router_run = router.run(["sysctl", "-qw", "net.ipv4.ip_forward=1"])
         if router_run.returncode != 0:
             raise RuntimeError(f"cannot enable forwarding: {router_run.stderr.strip()}")
+        # Masquerade plus the stateful firewall every home router has: nothing unsolicited from
+        # the outside reaches the router itself. (Without it, a stray packet to the router's
+        # own port leaves a conntrack entry that makes the NAT pick another port later.)
         rules = (
             "table ip nat {\n"
             "  chain postrouting {\n"
             "    type nat hook postrouting priority srcnat; policy accept;\n"
             '    oifname "eth1" masquerade\n'
+            "  }\n"
+            "}\n"
+            "table inet firewall {\n"
+            "  chain input {\n"
+            "    type filter hook input priority 0; policy accept;\n"
+            '    iifname "eth1" ct state established,related accept\n'
+            '    iifname "eth1" drop\n'
             "  }\n"
             "}\n"
         )

@@ -56,6 +56,7 @@ from cellmesh.wire.messages import (
     Route,
     StopSending,
     StreamFrame,
+    Trace,
     push_message,
 )
 
@@ -71,6 +72,7 @@ _UNRELIABLE = (
     PathResponse,
     Observed,
     Candidates,
+    Trace,
 )
 BASE_MTU = 1200
 PMTU_CANDIDATES = (1452, 2048, 4096, 8192, 9000, 16384, 32768, 65507)

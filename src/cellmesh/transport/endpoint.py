@@ -72,6 +72,7 @@ from cellmesh.transport.events import (
     StreamOpened,
     StreamReset,
     StreamWritable,
+    TraceReply,
 )
 from cellmesh.transport.failure import PhiAccrual
 from cellmesh.transport.handshake import (
@@ -124,6 +125,7 @@ from cellmesh.wire.messages import (
     Pong,
     Relay,
     Route,
+    Trace,
     pull_cookie_reply,
     pull_init_body,
     pull_messages,
@@ -142,6 +144,7 @@ _NO_CHANNEL = bytes(4)
 _CHANNEL_DATAGRAM_OVERHEAD = 3 + 4  # record header + channel hash
 MAX_CHANNEL_GATE = 65536
 BASE_DATAGRAM = 1200
+DEFAULT_TRACE_TTL = 64
 PATH_CHALLENGE_INTERVAL = 1.0  # at most one challenge per peer and new address per second
 MAX_BANNED = 4096
 HOUSEKEEPING_INTERVAL = 0.5
@@ -529,6 +532,54 @@ class Endpoint:
         p.conn.queue_control(record)
         self._mark(p, now)
         return True
+
+    def start_trace(self, dst: bytes, ttl: int, now: float) -> int:
+        """Send a path probe towards `dst` that stops after `ttl` hops; the answer arrives as a
+        `TraceReply` event with the returned probe id. Raises `PeerUnreachableError` without
+        a route or a direct session to `dst`."""
+        hop = self._peers.get(dst)
+        if hop is None or hop.current is None or via_cell(hop.addr) is not None:
+            hop = self._next_hop(dst)
+        if hop is None:
+            raise PeerUnreachableError(f"no route to {dst.hex()}")
+        probe_id = int.from_bytes(self._random_bytes(4), "big")
+        self._send_hop(
+            hop, Trace(False, probe_id, max(1, min(ttl, 255)), dst, self.cell_id, ZERO_CELL), now
+        )
+        return probe_id
+
+    def _send_hop(self, hop: _Peer, msg: Message, now: float) -> None:
+        s = hop.current
+        if s is not None:
+            self._seal_once(s, msg, hop.addr, now)
+
+    def _on_trace(self, p: _Peer, m: Trace, now: float) -> None:
+        if via_cell(p.addr) is not None:
+            self.drops["relay_nested"] += 1
+            return
+        if not self._relay.admit(p.cell_id, now):
+            self.drops["relay_rate"] += 1
+            return
+        if m.reply:
+            if m.dst == self.cell_id:
+                self._events.append(TraceReply(m.probe_id, m.hop))
+                return
+            target, msg = m.dst, Trace(True, m.probe_id, m.ttl - 1, m.dst, m.origin, m.hop)
+            if m.ttl <= 1:
+                self.drops["ttl_expired"] += 1
+                return
+        elif m.dst == self.cell_id or m.ttl <= 1:
+            target = m.origin
+            msg = Trace(True, m.probe_id, DEFAULT_TRACE_TTL, m.origin, m.origin, self.cell_id)
+        else:
+            target, msg = m.dst, Trace(False, m.probe_id, m.ttl - 1, m.dst, m.origin, m.hop)
+        hop = self._peers.get(target)
+        if hop is None or hop.current is None or via_cell(hop.addr) is not None:
+            hop = self._next_hop(target)
+        if hop is None:
+            self.drops["no_route"] += 1
+            return
+        self._send_hop(hop, msg, now)
 
     def neighbours(self) -> list[bytes]:
         """CellIDs of peers with a live session over a direct path."""
@@ -974,6 +1025,8 @@ class Endpoint:
                     self._events.append(RouteMessageReceived(p.cell_id, m.data))
                 else:
                     self.drops["route_not_neighbour"] += 1
+            elif isinstance(m, Trace):
+                self._on_trace(p, m, now)
             elif isinstance(m, Observed):
                 if via_cell(addr) is None:
                     self._reflexive.report(p.cell_id, (m.host, m.port))

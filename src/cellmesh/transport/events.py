@@ -123,6 +123,14 @@ class RouteMessageReceived:
 
 
 @dataclass(frozen=True, slots=True)
+class TraceReply:
+    """A trace probe we sent was answered by `hop` (the node where its TTL ran out, or `dst`)."""
+
+    probe_id: int
+    hop: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class PeerMoved:
     """A peer's new address passed path validation: traffic to it goes there from now on."""
 
@@ -154,6 +162,7 @@ Event = (
     | ChannelMessageReceived
     | PeerMoved
     | RouteMessageReceived
+    | TraceReply
     | PeerStateChanged
 )
 

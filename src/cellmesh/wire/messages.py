@@ -46,6 +46,7 @@ class MsgType(IntEnum):
     PATH_RESPONSE = 18
     OBSERVED = 19
     CANDIDATES = 20
+    TRACE = 21
 
 
 class HandshakePattern(IntEnum):
@@ -226,6 +227,20 @@ class Candidates:
 
 
 @dataclass(frozen=True, slots=True)
+class Trace:
+    """A path probe forwarded hop by hop towards `dst` (`reply` False) until its TTL runs out
+    or it arrives; the node where it stops answers with `reply` True towards `origin`, naming
+    itself as `hop`. Hop-by-hop, like RELAY: each link is an authenticated neighbour session."""
+
+    reply: bool
+    probe_id: int
+    ttl: int
+    dst: bytes
+    origin: bytes
+    hop: bytes
+
+
+@dataclass(frozen=True, slots=True)
 class Padding:
     """Filler (path MTU probes); carries nothing."""
 
@@ -252,6 +267,7 @@ Message = (
     | PathResponse
     | Observed
     | Candidates
+    | Trace
     | Padding
 )
 MAX_CANDIDATES = 8
@@ -267,6 +283,7 @@ _REC = struct.Struct("!BH")
 _U64 = struct.Struct("!Q")
 _U32 = struct.Struct("!I")
 _CHANNEL_MSG = struct.Struct("!QI")
+_TRACE = struct.Struct("!BIB16s16s16s")
 _U16 = struct.Struct("!H")
 _ACK_HEAD = struct.Struct("!IB")
 _ACK_RANGE = struct.Struct("!QI")
@@ -329,6 +346,14 @@ def push_message(m: Message) -> bytes:
         return _record(MsgType.ROUTE, m.data)
     if isinstance(m, Observed):
         return _record(MsgType.OBSERVED, _pack_addr(m.host, m.port))
+    if isinstance(m, Trace):
+        try:
+            body = _TRACE.pack(int(m.reply), m.probe_id, m.ttl, m.dst, m.origin, m.hop)
+        except struct.error as exc:
+            raise MalformedError(f"bad TRACE field: {exc}") from exc
+        if len(m.dst) != 16 or len(m.origin) != 16 or len(m.hop) != 16:
+            raise MalformedError("TRACE CellIDs are 16 bytes")
+        return _record(MsgType.TRACE, body)
     if isinstance(m, Candidates):
         if len(m.addrs) > MAX_CANDIDATES:
             raise OversizeError(f"at most {MAX_CANDIDATES} candidate addresses")
@@ -425,6 +450,13 @@ def _decode_one(t: int, body: bytes) -> Message | None:
         if len(body) != PATH_DATA_LEN:
             raise MalformedError(f"path validation data must be {PATH_DATA_LEN} bytes")
         return PathChallenge(body) if t == MsgType.PATH_CHALLENGE else PathResponse(body)
+    if t == MsgType.TRACE:
+        if len(body) != _TRACE.size:
+            raise MalformedError(f"TRACE must be {_TRACE.size} bytes")
+        kind, probe_id, ttl, dst, origin, hop = _TRACE.unpack(body)
+        if kind > 1:
+            raise MalformedError(f"unknown TRACE kind {kind}")
+        return Trace(kind == 1, probe_id, ttl, dst, origin, hop)
     if t == MsgType.OBSERVED:
         host, port, end = _pull_addr(body, 0)
         if end != len(body):
