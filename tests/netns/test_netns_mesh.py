@@ -111,7 +111,9 @@ def test_line_topology_relays_ping_and_file_without_end_to_end_keys(
         assert {p["cell_id"] for p in peers} == {cells[n] for n in neighbours}
 
 
-def _nat_world(tmp_path: Path, topology: Topology, block_punching: bool) -> tuple[Host, Path, str, str]:
+def _nat_world(
+    tmp_path: Path, topology: Topology, block_punching: bool
+) -> tuple[Host, Path, str, str]:
     pub = topology.add_host("pub", "wan", "198.18.0.10/24")
     topology.add_nat_router("nata", "lana", "10.1.0.1/24", "wan", "198.18.0.1/24")
     topology.add_nat_router("natb", "lanb", "10.2.0.1/24", "wan", "198.18.0.2/24")
