@@ -126,7 +126,7 @@ async def _channels(console: Console, nodes: list[Node]) -> bool:
     host.channels.declare("telemetry/**", access="token")
     now = int(time.time())
     token = issue_token(
-        host.identity, holder.cell_id, "telemetry/**", Rights.SUBSCRIBE, now, now + 600,
+        host.identity, holder.identity.cell_id, "telemetry/**", Rights.SUBSCRIBE, now, now + 600,
         os.urandom(16),
     )  # fmt: skip
     try:
