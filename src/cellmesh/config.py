@@ -333,6 +333,13 @@ class NodeConfig:
             "dropped and who are then banned at ring 0; relative to the home directory."
         ),
     )
+    database: str = field(
+        default="cellmesh.db",
+        metadata=_doc(
+            "SQLite file of the channel logs (docs/state.md), relative to the home directory; "
+            "empty: no state layer (pub, sub and log are unavailable)."
+        ),
+    )
 
     def __post_init__(self) -> None:
         for f in dataclasses.fields(self):

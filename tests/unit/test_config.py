@@ -73,6 +73,7 @@ EXPECTED_DEFAULTS: dict[str, object] = {
     "trusted_roots": (),
     "capabilities": (),
     "threat_list": "",
+    "database": "cellmesh.db",
 }
 
 

@@ -16,6 +16,7 @@ import os
 import random
 import time
 from collections import Counter
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
@@ -151,6 +152,9 @@ class ChannelDriver:
             ANY: asyncio.Queue(MAX_CHANNEL_QUEUE)
         }
         self._mirrors: dict[str, asyncio.Queue[ChannelMessage]] = {}
+        self.taps: list[Callable[[ChannelMessage], bool]] = []
+        """Called with each granted message before it is queued; one returning True consumed
+        it (the state layer takes the messages that carry events this way)."""
         self.dropped: Counter[str] = Counter()
         self._watch: asyncio.TimerHandle | None = None
         self._stopped = False
@@ -472,6 +476,9 @@ class ChannelDriver:
             self._schedule_inspection()
 
     def _deliver(self, msg: ChannelMessage) -> None:
+        for tap in self.taps:
+            if tap(msg):
+                return
         q = self._queues.get(msg.channel) or self._queues[ANY]
         self._put(q, msg, "queue_full")
 

@@ -48,6 +48,7 @@ from cellmesh.identity.tokens import TokenError
 from cellmesh.node.anchor_control import ANCHOR_OPS, anchor_op
 from cellmesh.node.channel_control import CHANNEL_OPS, channel_op
 from cellmesh.node.node import Node
+from cellmesh.node.state_control import STATE_OPS, state_op
 from cellmesh.node.streams import Stream, StreamError
 from cellmesh.node.transfer import (
     CHUNK,
@@ -259,6 +260,8 @@ class ControlServer:
             return await channel_op(node, req)
         if op in ANCHOR_OPS:
             return anchor_op(node, req)
+        if op in STATE_OPS:
+            return await state_op(node, req)
         if op in ("routes", "routing", "trace"):
             return await _routing_op(node, req)
         raise ValueError(f"unknown op {op!r}")

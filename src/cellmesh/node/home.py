@@ -8,6 +8,7 @@ Layout of a home directory (mode 0700)::
     control.sock    the local control API socket of a running node
     cellmesh.db     node state
     inbox/          received files
+    blobs/          content-addressed blocks (`cellmesh blob put`)
 
 Every failure raises `KeystoreError` or `ConfigError` with a one-line message that names the
 file involved and, where there is one, the command that fixes it.
@@ -48,6 +49,7 @@ CONFIG_NAME: Final = "config.toml"
 CONTROL_SOCKET_NAME: Final = "control.sock"
 DB_NAME: Final = "cellmesh.db"
 INBOX_NAME: Final = "inbox"
+BLOBS_NAME: Final = "blobs"
 
 _MAX_CONFIG_BYTES: Final = 1024 * 1024
 _MAX_PASSPHRASE_BYTES: Final = 64 * 1024
@@ -157,6 +159,11 @@ class NodeHome:
     def inbox_path(self) -> Path:
         """``<home>/inbox`` (a directory; not created by `ensure`)."""
         return self._path / INBOX_NAME
+
+    @property
+    def blobs_path(self) -> Path:
+        """``<home>/blobs``: the `FileChunkStore` of blobs (created when first used)."""
+        return self._path / BLOBS_NAME
 
     def ensure(self) -> None:
         """Create the home directory (mode 0700, parents as needed) if it does not exist.
@@ -327,7 +334,12 @@ class NodeHome:
             policy_file = str(self._path / policy_file)
         if threat_list and not Path(threat_list).is_absolute():
             threat_list = str(self._path / threat_list)
-        return dataclasses.replace(config, policy_file=policy_file, threat_list=threat_list)
+        database = config.database
+        if database and not Path(database).is_absolute():
+            database = str(self._path / database)
+        return dataclasses.replace(
+            config, policy_file=policy_file, threat_list=threat_list, database=database
+        )
 
     def write_default_config(self) -> bool:
         """Write the commented default config.toml if there is none. Returns True if written."""

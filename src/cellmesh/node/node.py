@@ -30,6 +30,7 @@ from cellmesh.node.anchor import ANCHOR_MAGIC, AnchorDriver
 from cellmesh.node.channels import ChannelDriver
 from cellmesh.node.discovery import DiscoveryDriver
 from cellmesh.node.routing import RoutingDriver
+from cellmesh.node.state import StateDriver
 from cellmesh.node.streams import Stream, StreamError, peer_gone
 from cellmesh.node.udp import Addr, UdpSockets, format_addr
 from cellmesh.transport.endpoint import Endpoint
@@ -116,6 +117,7 @@ class Node:
         self._messages: asyncio.Queue[tuple[bytes, bytes]] = asyncio.Queue(MAX_INBOX)
         self._stopped = asyncio.Event()
         self._channels: ChannelDriver | None = None
+        self._state: StateDriver | None = None
         self.routing: RoutingDriver | None = None
         self._lane_of: dict[bytes, Addr] = {}  # peers with a socket of their own
 
@@ -139,6 +141,17 @@ class Node:
         if self._channels is None:
             raise LocalProtocolError("node is not running")
         return self._channels
+
+    @property
+    def state(self) -> StateDriver:
+        """Signed, durable channel logs (see `StateDriver`); needs config.database."""
+        if self._state is None:
+            if self._channels is None:
+                raise LocalProtocolError("node is not running")
+            raise LocalProtocolError(
+                "no state database: set database (an absolute path, or relative to a home)"
+            )
+        return self._state
 
     async def __aenter__(self) -> Node:
         await self.start()
@@ -167,6 +180,17 @@ class Node:
             self._endpoint = None
             raise
         self._channels.start()
+        # A relative database path is only meaningful against a home directory (NodeHome
+        # resolves it); a Node built from a bare NodeConfig opens no database then.
+        if self.config.database and os.path.isabs(self.config.database):
+            try:
+                self._state = StateDriver(self, self.config.database)
+            except BaseException:
+                self._channels.stop()
+                self._udp.close()
+                self._endpoint = None
+                raise
+            self._state.start()
         if self.config.routing:
             self.routing = RoutingDriver(self)
             self.routing.start()
@@ -223,6 +247,9 @@ class Node:
         if self.discovery is not None:
             self.discovery.stop()
             self.discovery = None
+        if self._state is not None:
+            self._state.close()
+            self._state = None
         if self._channels is not None:
             self._channels.stop()
         if self.routing is not None:

@@ -104,6 +104,10 @@ __all__ = ["Outgoing", "RoutingCore"]
 Outgoing = tuple[bytes | None, bytes]
 """A message to send: (neighbour CellID, or None for every neighbour; the message bytes)."""
 
+_Advert = tuple[bytes, bytes | None, bytes, bytes, int, int, bool]
+"""(destination, next hop or None, record, the same as a retraction, seqno or -1 when the record
+is never left out, metric, whether the metric got worse since last advertised)."""
+
 _ZERO_CELL = bytes(CELL_LEN)
 _VICTIM_BATCH = 64
 _UPDATE = MessageType.UPDATE.name
@@ -227,6 +231,7 @@ class RoutingCore:
             raise LocalProtocolError(f"seqno must be in 0..65535, got {seqno}")
         self._seqno = rng.randrange(SEQNO_MASK + 1) if seqno is None else seqno
         self._last_bump = -math.inf
+        self._bump_to: int | None = None  # a requested seqno waiting for the rate limit
         self._now = now
         self._interval_cs = max(1, round(settings.update_interval * 100))
         self._per_update = min(255, (settings.max_message_size - HEADER_LEN) // ROUTE_RECORD_LEN)
@@ -264,6 +269,7 @@ class RoutingCore:
         self._requests_forwarded = 0
         self._requests_answered = 0
         self._bumps = 0
+        self._bumps_deferred = 0
         self._route_changes = 0
         self._evictions = 0
 
@@ -499,6 +505,8 @@ class RoutingCore:
                     self._reselect(d, now)
             elif ok and total + hysteresis < sel.metric:
                 self._apply(d, sel, r, now)
+            elif ok and dst in self._pending:
+                self._satisfy(d, now)  # r may carry a seqno someone is waiting for
             if not ok:
                 sel = d.selected
                 if sel is None or total + hysteresis < sel.metric:
@@ -536,6 +544,10 @@ class RoutingCore:
                 del nb.routes[d.dst]
                 if d.selected is r:
                     self._reselect(d, now)
+                elif d.selected is not None and self._s.split_horizon:
+                    # It lost the destination (or now routes through us): our route may have
+                    # been left out as unfeasible there, and may be its way back. Tell it.
+                    self._queue_uni(cell, dst, now)
             return
         if r is None:
             if len(routes) >= self._s.max_alternates and not self._make_room(d, total):
@@ -592,15 +604,16 @@ class RoutingCore:
         cell = nb.cell
         if dst == self._self:
             if seqno_newer(seqno, self._seqno):
+                # Jump straight to the requested number (RFC 8966 adds 1): one round trip
+                # unsticks a network whose FDs carry a number we forgot in a restart. At most
+                # one jump per `seqno_bump_interval`; a request inside it is served at its end.
+                if self._bump_to is None or seqno_newer(seqno, self._bump_to):
+                    self._bump_to = seqno
                 if now - self._last_bump >= self._s.seqno_bump_interval:
-                    # Jump straight to the requested number (RFC 8966 adds 1): one round trip
-                    # unsticks a network whose FDs carry a number we forgot in a restart.
-                    self._seqno = seqno
-                    self._last_bump = now
-                    self._bumps += 1
-                    self._trigger(self._self, now)
-                    return
-                self.drops["bump_rate_limited"] += 1
+                    self._bump(now)
+                else:
+                    self._bumps_deferred += 1
+                return
             self._requests_answered += 1
             self._queue_uni(cell, self._self, now)
             return
@@ -609,6 +622,11 @@ class RoutingCore:
             self.drops["request_unknown"] += 1
             return
         sel = d.selected
+        if sel is None or sel.neighbour == cell or not seqno_not_older(sel.seqno, seqno):
+            fresh = self._fresh_route(d, seqno, cell)
+            if fresh is not None:  # we hold what it asks for: take it (see `_satisfy`)
+                self._apply(d, sel, fresh, now)
+                sel = fresh
         if sel is not None and sel.neighbour != cell and seqno_not_older(sel.seqno, seqno):
             self._requests_answered += 1
             self._queue_uni(cell, dst, now)
@@ -635,6 +653,14 @@ class RoutingCore:
         self._next_request_check = min(self._next_request_check, p.deadline)
         self._requests_forwarded += 1
         self._queue_request(target, dst, seqno, hops - 1, now)
+
+    def _bump(self, now: float) -> None:
+        assert self._bump_to is not None
+        self._seqno = self._bump_to
+        self._bump_to = None
+        self._last_bump = now
+        self._bumps += 1
+        self._trigger(self._self, now, urgent=True)
 
     def _request_target(self, d: _Dest, exclude: bytes | None) -> bytes | None:
         """Where to forward a request: the selected next hop, else the neighbour offering the
@@ -719,6 +745,8 @@ class RoutingCore:
             return
         if ok and r.metric + self._s.hysteresis < sel.metric:
             self._apply(d, sel, r, now)
+        elif ok and d.dst in self._pending:
+            self._satisfy(d, now)  # r may carry a seqno someone is waiting for
 
     def _reselect(self, d: _Dest, now: float) -> None:
         old = d.selected
@@ -733,7 +761,10 @@ class RoutingCore:
 
     def _kept(self, d: _Dest, sel: _Route, now: float) -> None:
         """The selection stands; its seqno or metric may have moved."""
-        if sel.seqno != d.adv_seqno or self._significant(sel.metric, d.adv_metric):
+        # A new seqno alone triggers nothing: it answers the requests waiting for it
+        # (`_satisfy`, along the request path) and reaches everyone else in the next dump.
+        # Flooding it would send every origin's bump after a failure to every node.
+        if sel.seqno == d.adv_seqno and self._significant(sel.metric, d.adv_metric):
             self._trigger(d.dst, now)
         if d.dst in self._pending:
             self._satisfy(d, now)
@@ -758,6 +789,7 @@ class RoutingCore:
         if old_hop != new_hop:
             self._route_changes += 1
             self._emit(RouteChanged(dst, old_hop, new_hop, metric))
+        # A route under a seqno we never advertised is what stuck nodes downstream wait for.
         self._trigger(dst, now)
         if best is None:
             self._request(d, now, only=None)
@@ -771,12 +803,22 @@ class RoutingCore:
 
     def _satisfy(self, d: _Dest, now: float) -> None:
         """A selected route exists: our own request is over; neighbours that asked for a seqno
-        it carries get an update."""
-        p = self._pending[d.dst]
+        it carries get an update. If the selected route carries an older seqno but another
+        feasible one carries the requested seqno, switch to it: advertising a route we do not
+        use would break the feasibility argument, and keeping the slightly better old-seqno
+        route would leave the requesters stuck. (It sticks: advertising it moves our FD to the
+        new seqno, which makes the old-seqno routes unfeasible.)"""
+        p = self._pending.get(d.dst)
         sel = d.selected
-        assert sel is not None
+        if p is None or sel is None:
+            return
         p.ours = False
         p.retry_at = math.inf
+        if p.requesters and not seqno_not_older(sel.seqno, p.seqno):
+            fresh = self._fresh_route(d, p.seqno, None)
+            if fresh is not None:
+                self._apply(d, sel, fresh, now)  # calls us again, with `fresh` selected
+                return
         if p.requesters and seqno_not_older(sel.seqno, p.seqno):
             for cell in sorted(p.requesters):
                 if cell != sel.neighbour and cell in self._neighbours:
@@ -784,6 +826,22 @@ class RoutingCore:
             p.requesters.clear()
         if not p.requesters:
             del self._pending[d.dst]
+
+    def _fresh_route(self, d: _Dest, seqno: int, exclude: bytes | None) -> _Route | None:
+        """The best usable, feasible route of `d` carrying at least `seqno`, not through
+        `exclude`."""
+        best: _Route | None = None
+        for r in d.routes.values():
+            if (
+                r.metric >= INFINITY
+                or r.neighbour == exclude
+                or not seqno_not_older(r.seqno, seqno)
+                or not self._feasible(d, r)
+            ):
+                continue
+            if best is None or (r.metric, r.neighbour) < (best.metric, best.neighbour):
+                best = r
+        return best
 
     def _request(self, d: _Dest, now: float, only: bytes | None) -> None:
         """Ask for FD.seqno + 1 (RFC 8966 section 3.8.2.1): from `only`, or from every
@@ -885,27 +943,35 @@ class RoutingCore:
         if now > self._now:
             self._now = now
 
-    def _schedule(self, now: float) -> None:
-        if self._flush_at is None:
+    def _schedule(self, now: float, urgent: bool = False) -> None:
+        """Arm the flush: after `triggered_delay`, or at once when `urgent`. Requests, their
+        answers and our own seqno increases are urgent (as in Babel): a request crosses the mesh
+        to the origin and the answer comes back, and batching at every hop would add the delay
+        twice per hop of the path. They are point to point; everything that spreads as a wave
+        (route changes, retractions) is batched, so a burst leaves in one message."""
+        if urgent:
+            if self._flush_at is None or self._flush_at > now:
+                self._flush_at = now
+        elif self._flush_at is None:
             self._flush_at = now + self._s.triggered_delay
 
-    def _trigger(self, dst: bytes, now: float) -> None:
+    def _trigger(self, dst: bytes, now: float, urgent: bool = False) -> None:
         self._trig[dst] = None
-        self._schedule(now)
+        self._schedule(now, urgent)
 
     def _queue_uni(self, cell: bytes, dst: bytes, now: float) -> None:
         q = self._uni.get(cell)
         if q is None:
             q = self._uni[cell] = {}
         q[dst] = None
-        self._schedule(now)
+        self._schedule(now, urgent=True)
 
     def _queue_request(self, cell: bytes, dst: bytes, seqno: int, hops: int, now: float) -> None:
         q = self._reqs.get(cell)
         if q is None:
             q = self._reqs[cell] = {}
         q[dst] = (seqno, hops)
-        self._schedule(now)
+        self._schedule(now, urgent=True)
 
     def _dump_delay(self) -> float:
         s = self._s
@@ -932,42 +998,84 @@ class RoutingCore:
         seqno = d.adv_seqno if d.adv_seqno is not None else (d.fd_seqno or 0)
         return pack_route_record(d.dst, seqno, INFINITY, 0)
 
-    def _advert(self, dst: bytes) -> tuple[bytes | None, bytes, bytes] | None:
-        """(next hop or None, record, poisoned record) for a triggered destination."""
+    def _advert(self, dst: bytes) -> _Advert | None:
+        """What a triggered update says about `dst` (None: forgotten since it was queued)."""
         if dst == self._self:
-            rec = self._own_record()
-            return None, rec, rec
+            return dst, None, self._own_record(), b"", -1, 0, False
         d = self._dests.get(dst)
         if d is None:
             seqno = self._evicted.get(dst)
             if seqno is None:
-                return None  # forgotten since it was queued
-            rec = pack_route_record(dst, seqno, INFINITY, 0)
-            return None, rec, rec
+                return None
+            return dst, None, pack_route_record(dst, seqno, INFINITY, 0), b"", -1, INFINITY, False
         sel = d.selected
         if sel is None:
-            rec = self._retraction(d)
-            return None, rec, rec
+            return dst, None, self._retraction(d), b"", -1, INFINITY, False
+        worse = d.adv_seqno == sel.seqno and sel.metric > d.adv_metric
         rec = self._advert_selected(d, sel)
-        return sel.neighbour, rec, pack_route_record(dst, sel.seqno, INFINITY, 0)
+        poison = pack_route_record(dst, sel.seqno, INFINITY, 0)
+        return dst, sel.neighbour, rec, poison, sel.seqno, sel.metric, worse
 
-    def _dump_groups(self, now: float) -> dict[bytes | None, list[bytes]]:
-        """Every record of a full dump, grouped by next hop (None: for everyone)."""
-        common = [self._own_record()]
-        groups: dict[bytes | None, list[bytes]] = {None: common}
+    def _dump_entries(self, now: float) -> list[_Advert]:
+        """Every entry of a full dump: our own route, every selected route, and retractions of
+        destinations lost within the last hold time (or evicted since the last flush)."""
+        entries: list[_Advert] = [(self._self, None, self._own_record(), b"", -1, 0, False)]
         retract_since = now - self._s.hold_time
         for d in self._dests.values():
             sel = d.selected
             if sel is not None:
-                lst = groups.get(sel.neighbour)
-                if lst is None:
-                    lst = groups[sel.neighbour] = []
-                lst.append(self._advert_selected(d, sel))
+                rec = self._advert_selected(d, sel)
+                entries.append((d.dst, sel.neighbour, rec, b"", sel.seqno, sel.metric, False))
             elif d.lost_at >= retract_since:
-                common.append(self._retraction(d))
+                entries.append((d.dst, None, self._retraction(d), b"", -1, INFINITY, False))
         for dst, seqno in self._evicted.items():
-            common.append(pack_route_record(dst, seqno, INFINITY, 0))
-        return groups
+            rec = pack_route_record(dst, seqno, INFINITY, 0)
+            entries.append((dst, None, rec, b"", -1, INFINITY, False))
+        return entries
+
+    @staticmethod
+    def _for_neighbour(
+        nb: _Neighbour, entries: list[_Advert], sent: set[bytes] | None = None
+    ) -> list[bytes]:
+        """The records of `entries` worth sending to `nb` (split horizon, generalised); with
+        `sent` (a triggered update), the destinations included are added to it.
+
+        Left out: a neighbour's own CellID; a route through `nb` itself (split horizon, RFC
+        8966 section 3.7.4); and a route that is *certainly unfeasible at nb*: `nb` has
+        advertised the destination to us with a (seqno, metric) at least as good as ours, and
+        its FD is at least as good as anything it advertised, so it could never select ours.
+        That roughly halves a full dump (routes flow away from their destination, not back)
+        and changes no routing decision. When our metric got worse, a triggered update sends
+        `nb` a retraction in its place, so `nb` keeps no stale, too-good route from us.
+
+        No poisoned reverse: a neighbour answers a retraction with its own route (it may have
+        been left out here as unfeasible), and a retraction sent to our new next hop would be
+        answered with the route we just took from it, over and over while metrics settle. Loop
+        freedom does not need it: a stale route from us that `nb` still holds is feasible there
+        only if it beats nb's FD, which it cannot while we route through `nb`."""
+        cell = nb.cell
+        held = nb.routes
+        out: list[bytes] = []
+        for dst, via, rec, poison, seqno, metric, worse in entries:
+            if dst == cell or via == cell:
+                continue
+            if seqno >= 0:
+                theirs = held.get(dst)
+                if theirs is not None:
+                    s = theirs.seqno
+                    if (
+                        theirs.adv_metric <= metric
+                        if s == seqno
+                        else not (0 < ((seqno - s) & SEQNO_MASK) < 0x8000)
+                    ):
+                        if sent is not None and worse:
+                            out.append(poison)
+                            sent.add(dst)
+                        continue
+            out.append(rec)
+            if sent is not None:
+                sent.add(dst)
+        return out
 
     def _chunk(
         self, to: bytes | None, records: list[bytes], ask: bool, out: list[Outgoing]
@@ -1005,36 +1113,32 @@ class RoutingCore:
     def _build(self, now: float, out: list[Outgoing]) -> None:
         dump_all = self._dump_all
         dumps = self._dumps
-        groups = self._dump_groups(now) if dump_all or dumps else {}
+        entries = self._dump_entries(now) if dump_all or dumps else []
         trig = [a for a in map(self._advert, self._trig) if a is not None]
         split = self._s.split_horizon
         if not split:
             # One message set for everyone; only new neighbours and request answers are unicast.
-            if dump_all:
-                common = [rec for lst in groups.values() for rec in lst]
-            else:
-                common = [rec for _, rec, _ in trig]
+            common = [e[2] for e in (entries if dump_all else trig)]
             if common:
                 self._chunk(None, common, False, out)
-        for cell in self._neighbours:
-            records: list[bytes] = []
+        for cell, nb in self._neighbours.items():
+            records: list[bytes]
             if cell in dumps or (split and dump_all):
-                for via, lst in groups.items():
-                    if via != cell or not split:  # split horizon: omit routes through `cell`
-                        records.extend(lst)
-            else:
                 if split:
-                    for via, rec, poison in trig:
-                        if via != cell:
-                            records.append(rec)
-                        elif rec[:16] != cell:  # poison, except a neighbour's route to itself
-                            records.append(poison)
+                    records = self._for_neighbour(nb, entries)
+                else:
+                    records = [e[2] for e in entries if e[0] != cell]
+            else:
+                sent: set[bytes] = set()
+                records = self._for_neighbour(nb, trig, sent) if split else []
                 uni = self._uni.get(cell)
                 if uni and not dump_all:
                     for dst in uni:
+                        if dst == cell or dst in sent or (not split and dst in self._trig):
+                            continue
                         a = self._advert(dst)
-                        if a is not None and a[0] != cell:
-                            records.append(a[1])
+                        if a is not None and a[1] != cell:
+                            records.append(a[2])
             if records:
                 self._chunk(cell, records, dumps.get(cell, False), out)
         for cell, reqs in self._reqs.items():
@@ -1054,6 +1158,8 @@ class RoutingCore:
         """The absolute time at which `handle_timer` (or, for a batched flush,
         `updates_to_send`) must next be called. Never None: periodic dumps never stop."""
         t = min(self._next_dump, self._next_sweep, self._next_request_check)
+        if self._bump_to is not None:
+            t = min(t, self._last_bump + self._s.seqno_bump_interval)
         if self._flush_at is not None and self._flush_at < t:
             return self._flush_at
         return t
@@ -1061,6 +1167,8 @@ class RoutingCore:
     def handle_timer(self, now: float) -> None:
         """Do what is due at `now`: a periodic dump, route expiry, request retries."""
         self._tick(now)
+        if self._bump_to is not None and now >= self._last_bump + self._s.seqno_bump_interval:
+            self._bump(now)
         if now >= self._next_dump:
             self._dump_all = True
             self._flush_at = now if self._flush_at is None else min(self._flush_at, now)
@@ -1194,6 +1302,7 @@ class RoutingCore:
             requests_forwarded=self._requests_forwarded,
             requests_answered=self._requests_answered,
             seqno_bumps=self._bumps,
+            seqno_bumps_deferred=self._bumps_deferred,
             route_changes=self._route_changes,
             evictions=self._evictions,
             drops=dict(self.drops),

@@ -88,6 +88,9 @@ class RoutingStats:
     requests_forwarded: int
     requests_answered: int
     seqno_bumps: int
+    seqno_bumps_deferred: int
+    """Requests for a newer seqno of ours that arrived inside `seqno_bump_interval` of the last
+    increase; they are served, together, when it ends."""
     route_changes: int
     """Changes of next hop (the RouteChanged events)."""
     evictions: int

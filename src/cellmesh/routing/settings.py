@@ -78,9 +78,10 @@ class RoutingSettings:
     how long a forwarded request suppresses duplicates."""
     request_retries: int = 3
     """Sends of one seqno request of ours before we give up (until the next unfeasible update)."""
-    seqno_bump_interval: float = 1.0
+    seqno_bump_interval: float = 0.5
     """Minimum seconds between two increases of our own sequence number, however many requests
-    ask for one (a neighbour flooding requests cannot race our seqno around its circle)."""
+    ask for one (a neighbour flooding requests cannot race our seqno around its circle); a
+    request that arrives sooner is served when the interval ends."""
     source_gc_time: float = 300.0
     """Seconds a destination with no route keeps its feasibility distance before it is
     forgotten (RFC 8966 uses 3 minutes). Must exceed the hold time, so routes that were

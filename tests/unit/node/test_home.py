@@ -200,10 +200,21 @@ def test_load_keystore_that_is_a_directory(home: NodeHome) -> None:
 
 
 def test_load_config_without_file(home: NodeHome) -> None:
-    assert home.load_config({}) == NodeConfig()
+    # The database path is resolved against the home, like every file the config names.
+    db = str(home.db_path)
+    assert home.load_config({}) == NodeConfig(database=db)
     assert home.load_config({"CELLMESH_NAME": "env"}, {"max_sessions": 5}) == NodeConfig(
-        name="env", max_sessions=5
+        name="env", max_sessions=5, database=db
     )
+
+
+def test_database_path_is_relative_to_the_home(home: NodeHome, tmp_path: Path) -> None:
+    assert home.load_config({}, {"database": "state/x.db"}).database == str(
+        home.path / "state" / "x.db"
+    )
+    absolute = str(tmp_path / "elsewhere.db")
+    assert home.load_config({}, {"database": absolute}).database == absolute
+    assert home.load_config({"CELLMESH_DATABASE": ""}).database == ""  # state layer off
 
 
 def test_load_config_from_file(home: NodeHome) -> None:
@@ -247,7 +258,7 @@ def test_config_unreadable(home: NodeHome) -> None:
 
 def test_write_default_config(home: NodeHome) -> None:
     assert home.write_default_config()
-    assert home.load_config({}) == NodeConfig()
+    assert home.load_config({}) == NodeConfig(database=str(home.db_path))
     assert not home.write_default_config()
 
 
