@@ -145,7 +145,8 @@ _CHANNEL_DATAGRAM_OVERHEAD = 3 + 4  # record header + channel hash
 MAX_CHANNEL_GATE = 65536
 BASE_DATAGRAM = 1200
 DEFAULT_TRACE_TTL = 64
-PATH_CHALLENGE_INTERVAL = 1.0  # at most one challenge per peer and new address per second
+PATH_CHALLENGE_INTERVAL = 1.0
+DIRECT_PATH_HOLD = 15.0  # seconds of silence before a direct path gives way to the relays  # at most one challenge per peer and new address per second
 MAX_BANNED = 4096
 HOUSEKEEPING_INTERVAL = 0.5
 INITIAL_RTO = 0.5
@@ -240,6 +241,8 @@ class _Peer:
     candidates_sent: float | None = None
     path_note: str = ""
     """Why the path is what it is (shown by `peers`)."""
+    last_direct: float = float("-inf")
+    """When a frame last arrived over the session's direct path."""
 
 
 @dataclass(slots=True)
@@ -969,7 +972,16 @@ class Endpoint:
             self.drops["unknown_session"] += 1
             return
         # Follow a peer that moved (roaming): only on an authenticated packet newer than any seen.
-        if addr != s.addr and (highest_before is None or pn > highest_before):
+        if addr == s.addr:
+            if via_cell(addr) is None:
+                p.last_direct = now
+        elif (highest_before is None or pn > highest_before) and not (
+            # A direct path is kept while it lives: frames the peer still sends through the relays
+            # (before it has switched too) must not pull the session back onto them.
+            via_cell(addr) is not None
+            and via_cell(s.addr) is None
+            and now - p.last_direct < DIRECT_PATH_HOLD
+        ):
             self._challenge_path(p, s, addr, now)
         if (
             p.current is not s
@@ -1069,9 +1081,13 @@ class Endpoint:
             self.drops["path_response_unexpected"] += 1
             return
         p.challenge = None
-        if punched or (via_cell(s.addr) is not None and via_cell(addr) is None):
-            p.punch = None
-            p.path_note = "direct: hole punched" if punched else "direct: the peer came to us"
+        if via_cell(addr) is None:
+            p.last_direct = now  # a validated direct path: hold it (see DIRECT_PATH_HOLD)
+            if punched or via_cell(s.addr) is not None:
+                p.punch = None
+                p.path_note = "direct: hole punched" if punched else "direct: the peer came to us"
+        elif via_cell(s.addr) is None:
+            p.path_note = "relayed: the direct path went silent"
         s.addr = addr
         if p.current is s or p.current is None:
             p.addr = addr

@@ -118,6 +118,13 @@ def test_hole_punching_moves_a_relayed_session_onto_the_direct_path() -> None:
     net.run()
     assert DatagramReceived(a.cell_id, b"direct") in net.of(ba, DatagramReceived)
     assert r.relay_statistics()[0] == before
+    # Frames still in flight through the relay do not pull the session back onto it.
+    for _ in range(20):
+        a.send_ping(b.cell_id, net.now)
+        b.send_ping(a.cell_id, net.now)
+        net.advance(0.2, tick=0.05)
+    assert via_cell(_peer(a, b.cell_id, net.now)[0]) is None
+    assert via_cell(_peer(b, a.cell_id, net.now)[0]) is None
 
 
 def test_behind_a_symmetric_nat_the_session_stays_relayed_and_says_why() -> None:
