@@ -27,25 +27,30 @@ destination (the neighbour *is* the destination) is always feasible: it cannot b
 Naive distance vector would take an infeasible route, such as a neighbour's stale route through
 us, and loop; we refuse it, retract the destination, and ask the origin for a newer seqno.
 
-Seqno requests (section 3.8): a node left with only unfeasible routes sends a SEQNO_REQUEST for
-FD.seqno + 1 to the neighbours that offer them. A neighbour whose selected route already carries
-that seqno answers with an update; otherwise it forwards the request towards the origin along its
-selected route (or any other route, never back to the requester) with a decremented hop count,
+Seqno requests (section 3.8): a node left with only unfeasible routes retracts the destination
+and sends a SEQNO_REQUEST for FD.seqno + 1 to the neighbours that offer them. A neighbour whose
+selected route carries that seqno answers with an update; one that holds another feasible route
+carrying it switches to that route and answers (advertising a route it does not use would break
+the argument above); otherwise it forwards the request towards the origin along its selected
+route (or its best other route, never back to the requester) with a decremented hop count,
 remembering whom to answer. The origin raises its seqno to the requested value (at most once per
-`seqno_bump_interval`) and advertises it; every node whose selected route's seqno increases
-sends a triggered update, so the new seqno flows back and everyone stuck becomes feasible again.
-Unanswered requests are resent with doubling timeouts, `request_retries` times in all. A node
-that hears an unfeasible route better than the one it has also asks (section 3.8.2.2), which is
-how routes become optimal again after a failure.
+`seqno_bump_interval`) and advertises it. The answer retraces the request's path, node by node;
+a new seqno triggers nothing else (the next dump spreads it), or every origin's bump after a
+failure would reach every node. Requests and their answers leave at once, not batched: they
+cross the mesh and back. Unanswered requests are resent with doubling timeouts,
+`request_retries` times in all. A node that hears an unfeasible route better than the one it has
+also asks (section 3.8.2.2), which is how routes become optimal again after a failure.
 
 Updates (section 3.7): a full dump to every neighbour each `update_interval` (jittered), and
 triggered updates, batched for `triggered_delay`, when a route appears, disappears (a
-retraction, metric INFINITY), changes next hop or seqno, or changes metric by more than
+retraction, metric INFINITY), changes next hop, or changes metric by more than
 `trigger_threshold`. A new neighbour gets a full dump at once, flagged DUMP_REQUEST so it sends
-us its own. With split horizon (section 3.7.4) a route is not advertised to its next hop: left
-out of full dumps, a retraction in triggered updates. Routes not refreshed for `hold_factor` of
-their neighbour's update intervals expire (section 3.5.4); destinations without a route keep
-their FD for `source_gc_time` and are advertised as retractions for one hold time.
+us its own. Left out of what goes to a neighbour (split horizon, section 3.7.4, generalised):
+its own CellID, routes through it, and routes it has advertised back at least as good, which
+are certainly unfeasible there (`_for_neighbour`); a neighbour that retracts a destination we
+still reach gets our route at once. Routes not refreshed for `hold_factor` of their neighbour's
+update intervals expire (section 3.5.4); destinations without a route keep their FD for the
+source GC time and are advertised as retractions for one hold time.
 
 Bounds: `max_routes` destinations (eviction: oldest unreachable first, then the worst metric if
 the newcomer beats it), `max_alternates` routes each, `max_neighbours`, `max_pending_requests`,
@@ -233,7 +238,7 @@ class RoutingCore:
         self._last_bump = -math.inf
         self._bump_to: int | None = None  # a requested seqno waiting for the rate limit
         self._now = now
-        self._interval_cs = max(1, round(settings.update_interval * 100))
+        self._interval_ds = max(1, round(settings.update_interval * 10))
         self._per_update = min(255, (settings.max_message_size - HEADER_LEN) // ROUTE_RECORD_LEN)
         self._per_request = min(255, (settings.max_message_size - HEADER_LEN) // REQUEST_RECORD_LEN)
         self._neighbours: dict[bytes, _Neighbour] = {}
@@ -398,9 +403,9 @@ class RoutingCore:
             return
         try:
             if len(data) > 1 and data[1] == MessageType.UPDATE:
-                dump, interval_cs, records = pull_update_records(data)
+                dump, interval_ds, records = pull_update_records(data)
                 nb.last_heard = now
-                self._on_update(nb, dump, interval_cs, records, now)
+                self._on_update(nb, dump, interval_ds, records, now)
             else:
                 requests = pull_request_records(data)
                 nb.last_heard = now
@@ -413,7 +418,7 @@ class RoutingCore:
         self,
         nb: _Neighbour,
         dump: bool,
-        interval_cs: int,
+        interval_ds: int,
         records: list[tuple[bytes, int, int, int, int]],
         now: float,
     ) -> None:
@@ -426,7 +431,7 @@ class RoutingCore:
             else:
                 self.drops["dump_rate_limited"] += 1
         self._records_received += len(records)
-        expires = now + self._s.hold_factor * max(MIN_INTERVAL, interval_cs / 100.0)
+        expires = now + self._s.hold_factor * max(MIN_INTERVAL, interval_ds / 10.0)
         dests = self._dests
         me = self._self
         max_hops = self._s.max_hops
@@ -625,7 +630,7 @@ class RoutingCore:
         if sel is None or sel.neighbour == cell or not seqno_not_older(sel.seqno, seqno):
             fresh = self._fresh_route(d, seqno, cell)
             if fresh is not None:  # we hold what it asks for: take it (see `_satisfy`)
-                self._apply(d, sel, fresh, now)
+                self._take_fresh(d, fresh, now)
                 sel = fresh
         if sel is not None and sel.neighbour != cell and seqno_not_older(sel.seqno, seqno):
             self._requests_answered += 1
@@ -817,7 +822,7 @@ class RoutingCore:
         if p.requesters and not seqno_not_older(sel.seqno, p.seqno):
             fresh = self._fresh_route(d, p.seqno, None)
             if fresh is not None:
-                self._apply(d, sel, fresh, now)  # calls us again, with `fresh` selected
+                self._take_fresh(d, fresh, now)  # calls us again, with `fresh` selected
                 return
         if p.requesters and seqno_not_older(sel.seqno, p.seqno):
             for cell in sorted(p.requesters):
@@ -842,6 +847,16 @@ class RoutingCore:
             if best is None or (r.metric, r.neighbour) < (best.metric, best.neighbour):
                 best = r
         return best
+
+    def _take_fresh(self, d: _Dest, fresh: _Route, now: float) -> None:
+        """Select `fresh` (feasible, carrying a newer seqno) over a better old-seqno route, and
+        raise the FD to it now rather than when it is advertised: stricter, so still safe, and
+        the old-seqno routes become unfeasible at once, so nothing switches back before the
+        answer leaves."""
+        if d.fd_seqno is None or seqno_newer(fresh.seqno, d.fd_seqno):
+            d.fd_seqno = fresh.seqno
+            d.fd_metric = fresh.metric
+        self._apply(d, d.selected, fresh, now)
 
     def _request(self, d: _Dest, now: float, only: bytes | None) -> None:
         """Ask for FD.seqno + 1 (RFC 8966 section 3.8.2.1): from `only`, or from every
@@ -1013,8 +1028,8 @@ class RoutingCore:
             return dst, None, self._retraction(d), b"", -1, INFINITY, False
         worse = d.adv_seqno == sel.seqno and sel.metric > d.adv_metric
         rec = self._advert_selected(d, sel)
-        poison = pack_route_record(dst, sel.seqno, INFINITY, 0)
-        return dst, sel.neighbour, rec, poison, sel.seqno, sel.metric, worse
+        retraction = pack_route_record(dst, sel.seqno, INFINITY, 0)
+        return dst, sel.neighbour, rec, retraction, sel.seqno, sel.metric, worse
 
     def _dump_entries(self, now: float) -> list[_Advert]:
         """Every entry of a full dump: our own route, every selected route, and retractions of
@@ -1044,9 +1059,10 @@ class RoutingCore:
         8966 section 3.7.4); and a route that is *certainly unfeasible at nb*: `nb` has
         advertised the destination to us with a (seqno, metric) at least as good as ours, and
         its FD is at least as good as anything it advertised, so it could never select ours.
-        That roughly halves a full dump (routes flow away from their destination, not back)
-        and changes no routing decision. When our metric got worse, a triggered update sends
-        `nb` a retraction in its place, so `nb` keeps no stale, too-good route from us.
+        It changes no routing decision; routes flow away from their destination, so on any
+        link about half a table is of this kind (we can only leave out what we know of). When
+        our metric got worse, a triggered update sends `nb` a retraction in its place, so `nb`
+        keeps no stale, too-good route from us.
 
         No poisoned reverse: a neighbour answers a retraction with its own route (it may have
         been left out here as unfeasible), and a retraction sent to our new next hop would be
@@ -1056,7 +1072,7 @@ class RoutingCore:
         cell = nb.cell
         held = nb.routes
         out: list[bytes] = []
-        for dst, via, rec, poison, seqno, metric, worse in entries:
+        for dst, via, rec, retraction, seqno, metric, worse in entries:
             if dst == cell or via == cell:
                 continue
             if seqno >= 0:
@@ -1069,7 +1085,7 @@ class RoutingCore:
                         else not (0 < ((seqno - s) & SEQNO_MASK) < 0x8000)
                     ):
                         if sent is not None and worse:
-                            out.append(poison)
+                            out.append(retraction)
                             sent.add(dst)
                         continue
             out.append(rec)
@@ -1082,7 +1098,7 @@ class RoutingCore:
     ) -> None:
         step = self._per_update
         for i in range(0, len(records), step):
-            msg = push_update(self._interval_cs, records[i : i + step], ask and i == 0)
+            msg = push_update(self._interval_ds, records[i : i + step], ask and i == 0)
             out.append((to, msg))
             self._sent[_UPDATE] += 1
             self._bytes_sent[_UPDATE] += len(msg)
@@ -1181,7 +1197,7 @@ class RoutingCore:
 
     def _sweep(self, now: float) -> None:
         """Expire routes not refreshed in time (RFC 8966 section 3.5.4) and forget
-        destinations that have had no route for `source_gc_time`."""
+        destinations that have had no route for the source GC time."""
         for d in list(self._dests.values()):
             expired: list[_Route] | None = None
             for r in d.routes.values():
@@ -1201,7 +1217,7 @@ class RoutingCore:
                     reselect = True
             if reselect:
                 self._reselect(d, now)
-        forget_before = now - self._s.source_gc_time
+        forget_before = now - self._s.source_gc
         gone: list[bytes] = []
         for dst in self._lost:
             d = self._dests[dst]

@@ -15,7 +15,7 @@ header (6 bytes), every type
   2   u8    flags. UPDATE: bit 0 DUMP_REQUEST ("send me your full table"); other bits and every
             bit of a SEQNO_REQUEST must be 0
   3   u8    count: number of records, 1..255
-  4   u16   UPDATE: the sender's update interval in centiseconds, 1..65535 (receivers expire
+  4   u16   UPDATE: the sender's update interval in deciseconds, 1..65535 (receivers expire
             the routes after hold_factor of these); SEQNO_REQUEST: reserved, must be 0
 UPDATE route record (22 bytes), `count` of them from offset 6
   0   16    destination CellID (never all zero)
@@ -116,9 +116,9 @@ class SeqnoRequestRecord(NamedTuple):
 
 @dataclass(frozen=True, slots=True)
 class Update:
-    """Routes the sender advertises, with its update interval (centiseconds)."""
+    """Routes the sender advertises, with its update interval (deciseconds)."""
 
-    interval_cs: int
+    interval_ds: int
     routes: tuple[RouteRecord, ...]
     dump_request: bool = False
 
@@ -146,15 +146,15 @@ def pack_route_record(destination: bytes, seqno: int, metric: int, hops: int) ->
 
 
 def push_update(
-    interval_cs: int, records: list[bytes] | tuple[bytes, ...], dump_request: bool = False
+    interval_ds: int, records: list[bytes] | tuple[bytes, ...], dump_request: bool = False
 ) -> bytes:
     """Encode an UPDATE from already packed route records (see `pack_route_record`)."""
     if not 1 <= len(records) <= MAX_RECORDS:
         raise MalformedError(f"an UPDATE carries 1 to {MAX_RECORDS} records, not {len(records)}")
-    if not 1 <= interval_cs <= 0xFFFF:
-        raise MalformedError(f"update interval {interval_cs} cs is outside 1..65535")
+    if not 1 <= interval_ds <= 0xFFFF:
+        raise MalformedError(f"update interval {interval_ds} ds is outside 1..65535")
     head = _HEADER.pack(
-        VERSION, MessageType.UPDATE, DUMP_REQUEST if dump_request else 0, len(records), interval_cs
+        VERSION, MessageType.UPDATE, DUMP_REQUEST if dump_request else 0, len(records), interval_ds
     )
     return head + b"".join(records)
 
@@ -182,7 +182,7 @@ def encode_message(msg: RoutingMessage) -> bytes:
             if not (0 <= r.seqno <= 0xFFFF and 0 <= r.metric <= 0xFFFF and 0 <= r.hops <= 255):
                 raise MalformedError(f"route record field out of range: {r!r}")
             recs.append(_ROUTE.pack(r.destination, r.seqno, r.metric, r.hops, 0))
-        return push_update(msg.interval_cs, recs, msg.dump_request)
+        return push_update(msg.interval_ds, recs, msg.dump_request)
     triples: list[tuple[bytes, int, int]] = []
     for q in msg.requests:
         _check_cell(q.destination)
@@ -225,12 +225,12 @@ def _pull_header(data: bytes, expected: MessageType | None) -> tuple[int, int, i
 
 
 def pull_update_records(data: bytes) -> tuple[bool, int, list[tuple[bytes, int, int, int, int]]]:
-    """Check an UPDATE and return (dump_request, interval_cs, raw route tuples).
+    """Check an UPDATE and return (dump_request, interval_ds, raw route tuples).
 
     Each tuple is (destination, seqno, metric, hops, reserved=0), as `struct` unpacks it: the
     core's hot path, with exactly the checks `decode_message` makes. Raises `DecodeError`.
     """
-    _, flags, _, interval_cs = _pull_header(data, MessageType.UPDATE)
+    _, flags, _, interval_ds = _pull_header(data, MessageType.UPDATE)
     body = memoryview(data)[HEADER_LEN:]
     # Every reserved byte at once (offset 21 of each record), then every destination.
     if any(body[ROUTE_RECORD_LEN - 1 :: ROUTE_RECORD_LEN]):
@@ -239,7 +239,7 @@ def pull_update_records(data: bytes) -> tuple[bool, int, list[tuple[bytes, int, 
     for rec in records:
         if rec[0] == _ZERO_CELL:
             raise MalformedError("route record for the all-zero CellID")
-    return bool(flags & DUMP_REQUEST), interval_cs, records
+    return bool(flags & DUMP_REQUEST), interval_ds, records
 
 
 def pull_request_records(data: bytes) -> list[tuple[bytes, int, int, int]]:
@@ -265,8 +265,8 @@ def message_type(data: bytes) -> MessageType:
 def decode_message(data: bytes) -> RoutingMessage:
     """Decode one routing message. Raises a `DecodeError` subclass for any invalid input."""
     if message_type(data) == MessageType.UPDATE:
-        dump, interval_cs, raw = pull_update_records(data)
+        dump, interval_ds, raw = pull_update_records(data)
         routes = tuple(RouteRecord(d, s, m, h) for d, s, m, h, _ in raw)
-        return Update(interval_cs, routes, dump)
+        return Update(interval_ds, routes, dump)
     reqs = tuple(SeqnoRequestRecord(d, s, h) for d, s, h, _ in pull_request_records(data))
     return SeqnoRequest(reqs)

@@ -18,8 +18,8 @@ __all__ = ["MAX_INTERVAL", "MIN_INTERVAL", "RoutingSettings"]
 MIN_INTERVAL = 1.0
 """Smallest update interval a neighbour's message may claim for our expiry computation; a
 smaller claim is raised to it (a hostile or broken neighbour cannot make routes expire at once)."""
-MAX_INTERVAL = 655.35
-"""Largest update interval the wire can carry (u16 centiseconds)."""
+MAX_INTERVAL = 6553.5
+"""Largest update interval the wire can carry (u16 deciseconds)."""
 _MIN_MESSAGE = 64
 _MAX_MESSAGE = 5616  # 6-byte header + 255 route records of 22 bytes (the u8 record count)
 
@@ -36,7 +36,8 @@ class RoutingSettings:
 
     update_interval: float = 30.0
     """Seconds between two periodic full dumps of the table to every neighbour (jittered by
-    `update_jitter`). Carried in every update so receivers can age our routes. At most 655.35."""
+    `update_jitter`). Carried in every update (in tenths of a second) so receivers can age our
+    routes. At most 6,553.5."""
     update_jitter: float = 0.25
     """Each periodic dump comes a uniform random fraction up to this much *early*, so
     neighbours that started together do not stay synchronised. In [0, 0.9]."""
@@ -50,7 +51,7 @@ class RoutingSettings:
     trigger_threshold: float = 0.125
     """A change of the selected route's metric triggers an update only when it differs from the
     last advertised metric by more than this fraction of it; smaller drifts wait for the next
-    periodic dump. New, lost, re-sequenced or re-routed routes always trigger."""
+    periodic dump. New, lost or re-routed routes always trigger."""
     hysteresis: int = 4
     """A route through another neighbour replaces the selected one only when its metric is
     lower by more than this many units, so RTT noise does not make routes flap."""
@@ -68,9 +69,10 @@ class RoutingSettings:
     max_hops: int = 64
     """Routes longer than this many hops are treated as unreachable. At most 255."""
     split_horizon: bool = True
-    """Never advertise a route to the neighbour it goes through: omitted from full dumps,
-    advertised as a retraction (poisoned reverse) in triggered updates. With split horizon every
-    update is addressed to one neighbour; without it, updates go to all (None)."""
+    """Never advertise a route to the neighbour it goes through, nor one that neighbour has
+    advertised back at least as good (certainly unfeasible there); every update is then
+    addressed to one neighbour. Without it, updates go to all neighbours at once (None) and
+    nothing is left out (loop freedom does not depend on it)."""
     request_hops: int = 64
     """Hop count a seqno request starts with: how far it may be forwarded towards the origin."""
     request_timeout: float = 1.0
@@ -84,8 +86,9 @@ class RoutingSettings:
     request that arrives sooner is served when the interval ends."""
     source_gc_time: float = 300.0
     """Seconds a destination with no route keeps its feasibility distance before it is
-    forgotten (RFC 8966 uses 3 minutes). Must exceed the hold time, so routes that were
-    advertised under a feasibility distance have expired everywhere before it is dropped."""
+    forgotten (RFC 8966 uses 3 minutes). Raised to twice the hold time when shorter
+    (`source_gc`), so the routes advertised under a feasibility distance have expired
+    around us before it is dropped."""
     dump_request_interval: float = 1.0
     """Minimum seconds between two full dumps sent to one neighbour because it asked."""
     max_routes: int = 65_536
@@ -144,8 +147,6 @@ class RoutingSettings:
             raise ValueError("request_hops must be in [1, 255]")
         if not (1 <= self.request_retries <= 16):
             raise ValueError("request_retries must be in [1, 16]")
-        if self.source_gc_time <= self.hold_time:
-            raise ValueError("source_gc_time must exceed the hold time")
         for name in (
             "max_routes",
             "max_alternates",
@@ -162,3 +163,8 @@ class RoutingSettings:
     def hold_time(self) -> float:
         """Seconds our own routes live at a neighbour without a refresh."""
         return self.hold_factor * self.update_interval
+
+    @property
+    def source_gc(self) -> float:
+        """The source GC time in force: `source_gc_time`, at least twice the hold time."""
+        return max(self.source_gc_time, 2.0 * self.hold_time)

@@ -751,7 +751,7 @@ class NaiveDistanceVector:
         )
         self._next_sweep = now + settings.update_interval
         self._events: deque[RouteChanged] = deque()
-        self._interval_cs = max(1, round(settings.update_interval * 100))
+        self._interval_ds = max(1, round(settings.update_interval * 10))
         self._per_msg = min(255, (settings.max_message_size - HEADER_LEN) // ROUTE_RECORD_LEN)
 
     def _link_cost(self, rtt: float | None, loss: float) -> int:
@@ -798,10 +798,10 @@ class NaiveDistanceVector:
         if from_neighbour not in self._cost:
             return
         try:
-            _, interval_cs, records = pull_update_records(data)
+            _, interval_ds, records = pull_update_records(data)
         except DecodeError:
             return
-        expires = now + self._s.hold_factor * max(MIN_INTERVAL, interval_cs / 100.0)
+        expires = now + self._s.hold_factor * max(MIN_INTERVAL, interval_ds / 10.0)
         for dst, _, metric, hops, _ in records:
             if dst == self._self:
                 continue
@@ -886,7 +886,7 @@ class NaiveDistanceVector:
     def _chunk(self, to: bytes | None, recs: list[bytes], out: list[Outgoing]) -> None:
         step = self._per_msg
         for i in range(0, len(recs), step):
-            out.append((to, push_update(self._interval_cs, recs[i : i + step])))
+            out.append((to, push_update(self._interval_ds, recs[i : i + step])))
 
     def get_timer(self) -> float | None:
         """The next deadline."""
