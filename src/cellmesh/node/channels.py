@@ -37,7 +37,7 @@ from cellmesh.filter.inspection import (
     ThreatList,
     Verdict,
 )
-from cellmesh.filter.policy import PolicyHolder, parse_policy
+from cellmesh.filter.policy import Context, Decision, PolicyHolder, parse_policy
 from cellmesh.identity.capabilities import (
     CapabilityIndex,
     decode_advert,
@@ -62,6 +62,8 @@ INSPECTION_BUDGET_ITEMS: Final = 256
 INSPECTION_BUDGET_SECONDS: Final = 0.005
 INSPECTION_PER_SOURCE: Final = 256
 ANY: Final = ""
+RELAY_CHANNEL: Final = "relay"
+"""The channel name policy rules use to speak about relaying for a neighbour."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -220,6 +222,33 @@ class ChannelDriver:
         self.last_policy_error = message
         log.error("policy not reloaded, the previous one stays in force: %s", message)
         return message
+
+    def relay_admission(self) -> Callable[[bytes, float], bool] | None:
+        """The ring-1 policy's say on relaying: rules on `channel relay` decide, per neighbour,
+        whether (drop), how fast (throttle) or freely (pass) this node relays for it.
+        Decided once per neighbour and policy version; None without a policy file."""
+        if self.policy is None:
+            return None
+        decisions: dict[bytes, Decision] = {}
+        version = [self.policy_reloads]
+
+        def admit(neighbour: bytes, now: float) -> bool:
+            holder = self.policy
+            if holder is None:
+                return True
+            if version[0] != self.policy_reloads:
+                decisions.clear()
+                version[0] = self.policy_reloads
+            d = decisions.get(neighbour)
+            if d is None:
+                caps = self.capabilities.capabilities_of(neighbour, time.time())
+                d = holder.decide(Context(neighbour, RELAY_CHANNEL, caps), reasons=False)
+                if len(decisions) >= MAX_QUEUES:
+                    decisions.clear()
+                decisions[neighbour] = d
+            return self.access.throttles.allow(d, neighbour, now)
+
+        return admit
 
     def _revalidate(self) -> None:
         ended = self.service.revalidate(time.time(), self._node._now())

@@ -194,6 +194,7 @@ class Node:
         if self.config.routing:
             self.routing = RoutingDriver(self)
             self.routing.start()
+            self._endpoint.set_relay_admission(self._channels.relay_admission())
         self._udp_local_check()
         for sock in self._udp.sockets:
             loop.add_reader(sock.fileno(), self._on_readable, sock)

@@ -81,7 +81,7 @@ from cellmesh.transport.handshake import (
     ResponderHandshake,
     SessionKeys,
 )
-from cellmesh.transport.relay import RELAY_OVERHEAD, RelayGuard, via, via_cell
+from cellmesh.transport.relay import RELAY_OVERHEAD, RelayGuard, RelayQueues, via, via_cell
 from cellmesh.transport.session import AEAD_TAG_LEN, Session
 from cellmesh.transport.traversal import (
     MAX_PROBE_ADDRS,
@@ -309,6 +309,8 @@ class Endpoint:
         self._is_local: Callable[[Addr], bool] = lambda addr: False
         self._local_candidates: list[Addr] = []
         self._relay = RelayGuard(config.relay_rate, config.relay_burst, config.max_sessions)
+        self._relay_queues = RelayQueues()
+        self._relay_admit: Callable[[bytes, float], bool] | None = None
         self._channel_gate: set[bytes] = set()  # CellID + channel hash (4 bytes, big-endian)
         self._peer_buckets: KeyedBuckets[bytes] | None = None
         if config.peer_packet_rate > 0:
@@ -389,6 +391,8 @@ class Endpoint:
                 dp = self._peers.get(cell)
                 if dp is not None:
                     self._flush(dp, self._last_now)
+        if self._relay_queues:
+            self._serve_relays(self._last_now)
         out, self._out = self._out, []
         if any(a[0][:1] == "~" for _, a in out):
             out = self._wrap_relayed(out)
@@ -403,7 +407,7 @@ class Endpoint:
 
     def get_timer(self) -> float | None:
         """When `handle_timer` must next be called (absolute time)."""
-        if self._dirty:
+        if self._dirty or self._relay_queues:
             return self._last_now  # output is waiting: the driver should collect it now
         t = self._next_housekeeping
         heap = self._timer_heap
@@ -1261,6 +1265,9 @@ class Endpoint:
         if not self._relay.admit(p.cell_id, now):
             self.drops["relay_rate"] += 1
             return
+        if self._relay_admit is not None and not self._relay_admit(p.cell_id, now):
+            self.drops["relay_policy"] += 1
+            return
         ttl = frame[_TTL_OFFSET]
         if ttl <= 1:
             self.drops["ttl_expired"] += 1
@@ -1269,8 +1276,22 @@ class Endpoint:
             self.drops["relay_duplicate"] += 1
             return
         forwarded = frame[:_TTL_OFFSET] + bytes((ttl - 1,)) + frame[_TTL_OFFSET + 1 :]
-        if self._relay_to(forwarded, m.dst, now, p.cell_id):
-            self._relay.count(p.cell_id)
+        # Queued per neighbour and sent round robin when the driver collects output: a flood
+        # from one neighbour waits behind everyone else's frames instead of in front of them.
+        if self._relay_queues.push(p.cell_id, forwarded, m.dst):
+            self._last_now = now
+        else:
+            self.drops["relay_queue_full"] += 1
+
+    def _serve_relays(self, now: float) -> None:
+        for neighbour, frame, dst in self._relay_queues.take():
+            if self._relay_to(frame, dst, now, neighbour):
+                self._relay.count(neighbour)
+
+    def set_relay_admission(self, admit: Callable[[bytes, float], bool] | None) -> None:
+        """Install the policy's relay budget: `admit(neighbour, now)` says whether one more frame
+        from that neighbour may be relayed (the node maps ring-1 rules on `channel relay`)."""
+        self._relay_admit = admit
 
     def _on_channel_frame(self, p: _Peer, channel: int, plaintext: bytes) -> None:
         """A channel-tagged frame: exactly one CHANNEL_DATAGRAM of the header's channel."""
@@ -1653,6 +1674,8 @@ class Endpoint:
         self._peers.pop(p.cell_id, None)
         self._queued.pop(p.cell_id, None)
         self._conn_timer.pop(p.cell_id, None)
+        self._relay_queues.drop(p.cell_id)
+        self._relay.forget(p.cell_id)
         p.conn = None
         if p.connected:
             self._events.append(PeerDisconnected(p.cell_id, reason))

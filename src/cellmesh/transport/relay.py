@@ -16,7 +16,7 @@ a frame that arrived through relays is received "from" the sender's virtual addr
 
 from __future__ import annotations
 
-from collections import Counter, OrderedDict
+from collections import Counter, OrderedDict, deque
 from typing import Final
 
 from cellmesh.filter.buckets import KeyedBuckets
@@ -26,6 +26,10 @@ VIA_PREFIX: Final = "~"
 RELAY_OVERHEAD: Final = 64 + 16 + 3 + 16
 """Outer header, AEAD tag, record header and destination: what one hop adds to a frame."""
 DUPLICATE_MEMORY: Final = 8192
+QUEUE_PER_NEIGHBOUR: Final = 256
+"""Frames from one neighbour waiting to be relayed; more are dropped (relay_queue_full)."""
+TURN_BUDGET: Final = 512
+"""Frames relayed per turn of the driver, taken round robin across neighbours."""
 TTL_OFFSET: Final = 3
 DATA_TYPE: Final = 5
 
@@ -90,3 +94,50 @@ class RelayGuard:
 
     def forget(self, neighbour: bytes) -> None:
         self.relayed.pop(neighbour, None)
+
+
+class RelayQueues:
+    """Fair queuing of frames to relay: one bounded queue per neighbour that handed them to us,
+    served round robin, one frame per neighbour per round (deficit round robin with equal,
+    one-frame quanta). A neighbour that floods fills only its own queue; every other neighbour
+    still gets its turn in every round."""
+
+    def __init__(self) -> None:
+        self._queues: OrderedDict[bytes, deque[tuple[bytes, bytes]]] = OrderedDict()
+        self.queued = 0
+
+    def push(self, neighbour: bytes, frame: bytes, dst: bytes) -> bool:
+        """Queue one frame from `neighbour` for `dst`; False when its queue is full."""
+        q = self._queues.get(neighbour)
+        if q is None:
+            q = deque()
+            self._queues[neighbour] = q
+        if len(q) >= QUEUE_PER_NEIGHBOUR:
+            return False
+        q.append((frame, dst))
+        self.queued += 1
+        return True
+
+    def take(self, budget: int = TURN_BUDGET) -> list[tuple[bytes, bytes, bytes]]:
+        """Up to `budget` (neighbour, frame, dst) in round-robin order across neighbours."""
+        out: list[tuple[bytes, bytes, bytes]] = []
+        while self._queues and len(out) < budget:
+            for neighbour in list(self._queues):
+                q = self._queues[neighbour]
+                frame, dst = q.popleft()
+                out.append((neighbour, frame, dst))
+                if not q:
+                    del self._queues[neighbour]
+                if len(out) >= budget:
+                    break
+        self.queued -= len(out)
+        return out
+
+    def drop(self, neighbour: bytes) -> None:
+        """Forget what a departed neighbour had queued."""
+        q = self._queues.pop(neighbour, None)
+        if q is not None:
+            self.queued -= len(q)
+
+    def __bool__(self) -> bool:
+        return bool(self._queues)

@@ -10,7 +10,7 @@ from test_endpoint import CONFIG, Addr, Net
 from cellmesh.config import NodeConfig
 from cellmesh.transport.endpoint import Endpoint
 from cellmesh.transport.events import DatagramReceived, PeerConnected, PingReply, StreamData
-from cellmesh.transport.relay import RELAY_OVERHEAD, via, via_cell
+from cellmesh.transport.relay import QUEUE_PER_NEIGHBOUR, RELAY_OVERHEAD, RelayQueues, via, via_cell
 from cellmesh.wire.messages import Relay, pull_messages, push_message
 
 
@@ -151,3 +151,27 @@ def test_no_route_is_counted_and_a_bounce_back_is_a_loop() -> None:
 def test_relay_record_round_trip() -> None:
     rec = Relay(bytes(range(16)), bytes(64) + b"payload")
     assert pull_messages(push_message(rec)) == [rec]
+
+
+def test_relay_queues_are_fair_and_bounded_per_neighbour() -> None:
+    q = RelayQueues()
+    flooder, quiet = b"F" * 16, b"Q" * 16
+    pushed = sum(q.push(flooder, b"f%d" % i, b"D" * 16) for i in range(QUEUE_PER_NEIGHBOUR + 50))
+    assert pushed == QUEUE_PER_NEIGHBOUR  # the flooder fills only its own queue
+    assert q.push(quiet, b"q0", b"D" * 16)
+    assert q.push(quiet, b"q1", b"D" * 16)
+    first = q.take(4)
+    # Round robin: the quiet neighbour's frames go out in the first rounds, not after 256.
+    assert [n for n, _, _ in first] == [flooder, quiet, flooder, quiet]
+    q.drop(flooder)
+    assert not q
+
+
+def test_policy_relay_budget_drops_what_it_refuses() -> None:
+    net, eps, _addrs = line(3)
+    a, b, c = eps
+    b.set_relay_admission(lambda neighbour, now: neighbour != a.cell_id)
+    a.send_ping(c.cell_id, net.now)
+    net.advance(1.0)
+    assert b.drops["relay_policy"] >= 1
+    assert a.session_for(c.cell_id) is None
