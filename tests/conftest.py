@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import socket
@@ -110,9 +111,21 @@ def cli() -> type[CliRunner]:
     return CliRunner
 
 
+def wait_for_peer(home: Path, cell: str, timeout: float = 10.0) -> None:
+    """Poll `cellmesh peers` of the node at `home` until `cell` is connected."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        r = run_cli("--home", str(home), "peers", "--json")
+        if r.returncode == 0 and any(p["cell_id"] == cell for p in json.loads(r.stdout)):
+            return
+        time.sleep(0.1)
+    raise AssertionError(f"{cell} never appeared in {home}'s peers")
+
+
 class CliRunner:
     """Namespace handed to tests by the `cli` fixture."""
 
     run = staticmethod(run_cli)
     identity = staticmethod(new_identity)
     free_port = staticmethod(free_udp_port)
+    wait_for_peer = staticmethod(wait_for_peer)

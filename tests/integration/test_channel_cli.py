@@ -11,16 +11,6 @@ from pathlib import Path
 from conftest import CLI, CliRunner, NodeProcess, cli_env
 
 
-def _wait(cli: type[CliRunner], home: Path, cell: str) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        r = cli.run("--home", str(home), "peers", "--json")
-        if r.returncode == 0 and any(p["cell_id"] == cell for p in json.loads(r.stdout)):
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{cell} never connected")
-
-
 def test_channel_access_from_the_command_line(
     tmp_path: Path, cli: type[CliRunner], node_factory: type[NodeProcess]
 ) -> None:
@@ -35,7 +25,7 @@ def test_channel_access_from_the_command_line(
     port = cli.free_port()
     node_factory(a_home, "--listen", f"127.0.0.1:{port}")
     node_factory(b_home, "--listen", "127.0.0.1:0", "--peer", f"127.0.0.1:{port}")
-    _wait(cli, b_home, a_cell)
+    cli.wait_for_peer(b_home, a_cell)
 
     # No token: refused with exit code 3 and the reason.
     r = cli.run("--home", str(b_home), "channel", "sub", a_cell, "telemetry/e3", "--count", "1")

@@ -4,20 +4,9 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from pathlib import Path
 
 from conftest import CliRunner, NodeProcess
-
-
-def _wait_for_peer(cli: type[CliRunner], home: Path, cell: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        r = cli.run("--home", str(home), "peers", "--json")
-        if r.returncode == 0 and any(p["cell_id"] == cell for p in json.loads(r.stdout)):
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{cell} never appeared in {home}'s peers")
 
 
 def test_two_nodes_ping_by_cell_id(
@@ -36,7 +25,7 @@ def test_two_nodes_ping_by_cell_id(
     a = node_factory(a_home, "--listen", f"127.0.0.1:{a_port}")
     b = node_factory(b_home, "--listen", "127.0.0.1:0", "--peer", f"127.0.0.1:{a_port}")
     assert (a_home / "control.sock").stat().st_mode & 0o777 == 0o600
-    _wait_for_peer(cli, a_home, b_cell)
+    cli.wait_for_peer(a_home, b_cell)
 
     r = cli.run("--home", str(a_home), "ping", b_cell, "-c", "3", "-i", "0.05")
     assert r.returncode == 0, r.stdout + r.stderr
@@ -89,7 +78,7 @@ def test_unreachable_static_peer_times_out_clearly(
     a_port = cli.free_port()
     a = node_factory(a_home, "--listen", f"127.0.0.1:{a_port}")
     b = node_factory(b_home, "--listen", "127.0.0.1:0", "--peer", f"127.0.0.1:{a_port}")
-    _wait_for_peer(cli, a_home, b_cell)
+    cli.wait_for_peer(a_home, b_cell)
     b.stop()  # B is gone; A still knows its address
     r = cli.run("--home", str(a_home), "ping", b_cell, "-c", "1", "-W", "1")
     assert r.returncode == 2

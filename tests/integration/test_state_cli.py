@@ -11,16 +11,6 @@ from pathlib import Path
 from conftest import CLI, CliRunner, NodeProcess, cli_env
 
 
-def _wait_peer(cli: type[CliRunner], home: Path, cell: str) -> None:
-    deadline = time.monotonic() + 10
-    while time.monotonic() < deadline:
-        r = cli.run("--home", str(home), "peers", "--json")
-        if r.returncode == 0 and any(p["cell_id"] == cell for p in json.loads(r.stdout)):
-            return
-        time.sleep(0.1)
-    raise AssertionError(f"{cell} never connected")
-
-
 def test_pub_sub_log_between_two_node_processes(
     tmp_path: Path, cli: type[CliRunner], node_factory: type[NodeProcess]
 ) -> None:
@@ -31,7 +21,7 @@ def test_pub_sub_log_between_two_node_processes(
     port = cli.free_port()
     node_factory(a_home, "--listen", f"127.0.0.1:{port}")
     node_factory(b_home, "--listen", "127.0.0.1:0", "--peer", f"127.0.0.1:{port}")
-    _wait_peer(cli, b_home, a_cell)
+    cli.wait_for_peer(b_home, a_cell)
 
     # B subscribes at A (only live events travel: B follows before A publishes) and waits
     # for three events.
