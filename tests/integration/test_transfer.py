@@ -17,16 +17,6 @@ from conftest import CLI, CliRunner, NodeProcess, cli_env
 MB = 1_000_000
 
 
-def _wait_for_peer(cli: type[CliRunner], home: Path, cell: str, timeout: float = 10.0) -> None:
-    deadline = time.monotonic() + timeout
-    while time.monotonic() < deadline:
-        r = cli.run("--home", str(home), "peers", "--json")
-        if r.returncode == 0 and any(p["cell_id"] == cell for p in json.loads(r.stdout)):
-            return
-        time.sleep(0.05)
-    raise AssertionError(f"{cell} never appeared in {home}'s peers")
-
-
 def _wait_ready(cli: type[CliRunner], home: Path, timeout: float = 10.0) -> None:
     """Until the node on `home` answers (its control socket may be a stale one at first)."""
     deadline = time.monotonic() + timeout
@@ -100,7 +90,7 @@ class Mesh:
             target = self.relay.stdout.readline().decode().strip()
             assert target.startswith("127.0.0.1:"), target
         self.b = node_factory(self.b_home, "--listen", "127.0.0.1:0", "--peer", target, *b_args)
-        _wait_for_peer(cli, self.a_home, self.b_cell)
+        cli.wait_for_peer(self.a_home, self.b_cell)
 
     @property
     def inbox(self) -> Path:
