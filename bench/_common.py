@@ -666,3 +666,28 @@ class OtherLoad:
             return None
         other = (m1 - self._m0) - (self._ours() - self._p0)
         return max(0.0, other / (wall * len(_START_CPUS)))
+
+
+def bench_main(
+    bench: str,
+    doc: str | None,
+    options: Callable[[argparse.ArgumentParser], None],
+    run: Callable[[argparse.Namespace], int],
+) -> int:
+    """The `main()` of a benchmark with child processes: parse options, run, and turn a dead
+    child or a failed setup into one clear FAILED line and exit status 1."""
+    exit_on_sigterm()
+    args = parse_args(doc or bench, options)
+    try:
+        return run(args)
+    except (EOFError, BrokenPipeError, ConnectionResetError) as exc:
+        print(
+            f"\n{bench}: FAILED: a child process exited unexpectedly ({type(exc).__name__}); "
+            "its traceback, if any, is above",
+            file=sys.stderr,
+        )
+        return 1
+    except (TimeoutError, RuntimeError, OSError, TypeError) as exc:
+        cause = f" (cause: {exc.__cause__})" if exc.__cause__ is not None else ""
+        print(f"\n{bench}: FAILED: {type(exc).__name__}: {exc}{cause}", file=sys.stderr)
+        return 1

@@ -71,12 +71,11 @@ from _common import (
     OtherLoad,
     Result,
     Target,
+    bench_main,
     can_pin,
     child_process,
     cpus,
-    exit_on_sigterm,
     expect,
-    parse_args,
     pin,
     print_header,
     report,
@@ -802,21 +801,7 @@ def print_summary(
 
 
 def main() -> int:
-    exit_on_sigterm()
-    args = parse_args(__doc__ or BENCH, options)
-    try:
-        return run(args)
-    except (EOFError, BrokenPipeError, ConnectionResetError) as exc:
-        print(
-            f"\n{BENCH}: FAILED: a child process exited unexpectedly ({type(exc).__name__}); "
-            "its traceback, if any, is above",
-            file=sys.stderr,
-        )
-        return 1
-    except (TimeoutError, RuntimeError, OSError, TypeError) as exc:
-        cause = f" (cause: {exc.__cause__})" if exc.__cause__ is not None else ""
-        print(f"\n{BENCH}: FAILED: {type(exc).__name__}: {exc}{cause}", file=sys.stderr)
-        return 1
+    return bench_main(BENCH, __doc__, options, run)
 
 
 if __name__ == "__main__":

@@ -54,12 +54,11 @@ from _common import (
     Metric,
     OtherLoad,
     Result,
+    bench_main,
     can_pin,
     child_process,
     cpus,
-    exit_on_sigterm,
     expect,
-    parse_args,
     pin,
     print_header,
     report,
@@ -517,21 +516,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main() -> int:
-    exit_on_sigterm()
-    args = parse_args(__doc__ or BENCH, options)
-    try:
-        return run(args)
-    except (EOFError, BrokenPipeError, ConnectionResetError) as exc:
-        print(
-            f"\n{BENCH}: FAILED: a child process exited unexpectedly ({type(exc).__name__}); "
-            "its traceback, if any, is above",
-            file=sys.stderr,
-        )
-        return 1
-    except (TimeoutError, RuntimeError, OSError, TypeError) as exc:
-        cause = f" (cause: {exc.__cause__})" if exc.__cause__ is not None else ""
-        print(f"\n{BENCH}: FAILED: {type(exc).__name__}: {exc}{cause}", file=sys.stderr)
-        return 1
+    return bench_main(BENCH, __doc__, options, run)
 
 
 if __name__ == "__main__":
