@@ -30,6 +30,7 @@ from cellmesh.node.anchor import ANCHOR_MAGIC, AnchorDriver
 from cellmesh.node.channels import ChannelDriver
 from cellmesh.node.discovery import DiscoveryDriver
 from cellmesh.node.routing import RoutingDriver
+from cellmesh.node.services import StreamServices
 from cellmesh.node.state import StateDriver
 from cellmesh.node.streams import Stream, StreamError, peer_gone
 from cellmesh.node.udp import Addr, UdpSockets, format_addr
@@ -120,6 +121,8 @@ class Node:
         self._state: StateDriver | None = None
         self.routing: RoutingDriver | None = None
         self._lane_of: dict[bytes, Addr] = {}  # peers with a socket of their own
+        self.services = StreamServices(self)
+        """Stream kinds the node serves itself (sync, blobs, queries): node/services.py."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -248,6 +251,7 @@ class Node:
         if self.discovery is not None:
             self.discovery.stop()
             self.discovery = None
+        await self.services.stop()
         if self._state is not None:
             self._state.close()
             self._state = None
@@ -434,15 +438,12 @@ class Node:
                     del self._streams[(ev.cell_id, ev.stream_id)]
         elif isinstance(ev, StreamOpened):
             st = Stream(self, ev.cell_id, ev.stream_id)
-            try:
-                self._accept.put_nowait(st)
-            except asyncio.QueueFull:
-                if self._endpoint is not None:
-                    now = self._now()
-                    self._endpoint.stream_stop(ev.cell_id, ev.stream_id, REFUSED, now)
-                    self._endpoint.stream_reset(ev.cell_id, ev.stream_id, REFUSED, now)
-                return
             self._streams[(ev.cell_id, ev.stream_id)] = st
+            if self.services.active:
+                if not self.services.route(st):
+                    self._refuse_stream(st)
+            else:
+                self._hand_to_application(st)
         elif isinstance(ev, StreamReset):
             st = self._streams.pop((ev.cell_id, ev.stream_id), None)
             if st is not None:
@@ -605,6 +606,26 @@ class Node:
         st = Stream(self, cell, sid)
         self._streams[(cell, sid)] = st
         return st
+
+    def _hand_to_application(self, st: Stream) -> None:
+        """Queue an incoming stream for `accept_stream` (refused when the backlog is full)."""
+        try:
+            self._accept.put_nowait(st)
+        except asyncio.QueueFull:
+            self._refuse_stream(st)
+
+    def _refuse_stream(self, st: Stream) -> None:
+        self._streams.pop((st.cell_id, st.stream_id), None)
+        st._fail(StreamError("refused: accept backlog full", REFUSED))
+        if self._endpoint is not None:
+            now = self._now()
+            try:
+                self._endpoint.stream_stop(st.cell_id, st.stream_id, REFUSED, now)
+                self._endpoint.stream_reset(st.cell_id, st.stream_id, REFUSED, now)
+            except PeerUnreachableError:
+                return
+            if self._loop is not None:
+                self._loop.call_soon(self._pump)  # may run inside _dispatch: no re-entry
 
     async def accept_stream(self) -> Stream:
         """The next stream a peer opened to us."""

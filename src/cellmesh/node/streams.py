@@ -36,6 +36,8 @@ class Stream:
         self.cell_id = cell_id
         self.stream_id = stream_id
         self._chunks: deque[bytes] = deque()
+        self._unread: deque[bytes] = deque()
+        """Bytes already read (and credited to flow control) that were pushed back."""
         self._eof = False
         self._error: CellmeshError | None = None
         self._readable = asyncio.Event()
@@ -72,8 +74,22 @@ class Stream:
 
     # -- application API
 
+    def unread(self, data: bytes) -> None:
+        """Push `data` (bytes just read from this stream) back: the next reads return it
+        first. Used by the node to look at a stream's header before the application does."""
+        if data:
+            self._unread.appendleft(bytes(data))
+            self.bytes_read -= len(data)
+
     async def read(self, n: int = 65536) -> bytes:
         """Up to `n` bytes; b"" once the peer has finished the stream."""
+        if self._unread:
+            chunk = self._unread.popleft()
+            if len(chunk) > n:
+                self._unread.appendleft(chunk[n:])
+                chunk = chunk[:n]
+            self.bytes_read += len(chunk)
+            return chunk  # its flow credit was returned when it was first read
         while not self._chunks:
             if self._eof:
                 self._node._stream_eof(self)
@@ -142,7 +158,7 @@ class Stream:
     @property
     def at_eof(self) -> bool:
         """The peer finished the stream and everything was read."""
-        return self._eof and not self._chunks
+        return self._eof and not self._chunks and not self._unread
 
 
 def peer_gone(cell_hex: str, reason: str) -> PeerUnreachableError:
