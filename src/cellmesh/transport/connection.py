@@ -174,7 +174,9 @@ class Connection:
         self._consumed_total = 0
         self._max_data_pending = False
         self._max_stream_pending: set[int] = set()
-        self._reset_pending: dict[int, int] = {}
+        self._reset_pending: dict[int, tuple[int, int]] = {}
+        """stream id -> (code, final size), fixed when the reset is made: the send stream may
+        be forgotten before the RESET_STREAM record is built or retransmitted."""
         self._stop_pending: dict[int, int] = {}
         # messages
         self._msgs: deque[Msg] = deque()
@@ -255,7 +257,7 @@ class Connection:
         if s is None or s.reset_code is not None:
             return
         s.reset_code = code
-        self._reset_pending[sid] = code
+        self._reset_pending[sid] = (code, s.next_offset)
         self._maybe_forget(sid)
 
     def stop_sending(self, sid: int, code: int) -> None:
@@ -784,10 +786,8 @@ class Connection:
             r = self._recv.get(sid)
             if r is None or add(push_message(MaxStreamData(sid, r.max_data)), ("w", sid)):
                 self._max_stream_pending.discard(sid)
-        for sid, code in list(self._reset_pending.items()):
-            s = self._send.get(sid)
-            final = s.next_offset if s is not None else 0
-            if add(push_message(ResetStream(sid, code, final)), ("r", sid, code)):
+        for sid, (code, final) in list(self._reset_pending.items()):
+            if add(push_message(ResetStream(sid, code, final)), ("r", sid, code, final)):
                 del self._reset_pending[sid]
         for sid, code in list(self._stop_pending.items()):
             if add(push_message(StopSending(sid, code)), ("x", sid, code)):
@@ -897,8 +897,8 @@ class Connection:
                 self._max_data_pending = True
             elif kind == "w" and f[1] in self._recv:
                 self._max_stream_pending.add(f[1])
-            elif kind == "r" and f[1] in self._send:
-                self._reset_pending[f[1]] = f[2]
+            elif kind == "r":
+                self._reset_pending[f[1]] = (f[2], f[3])
             elif kind == "x" and f[1] in self._recv:
                 self._stop_pending[f[1]] = f[2]
 

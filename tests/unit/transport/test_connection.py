@@ -891,3 +891,22 @@ def test_reset_with_a_final_size_below_received_data_is_a_protocol_error() -> No
     b.on_packet(0, [StreamFrame(0, 100, bytes(100))], T0)
     with pytest.raises(RemoteProtocolError):
         b.on_packet(1, [ResetStream(0, 1, 50)], T0)
+
+
+@pytest.mark.parametrize("loss", [0.0, 0.2])
+def test_reset_after_the_other_half_finished_carries_the_bytes_already_sent(loss: float) -> None:
+    # The receiving half is finished (FIN read) when the application resets: the stream is
+    # forgotten at once, and the RESET_STREAM built later must still carry the final size of
+    # what was sent (it once carried 0, which the peer rightly treats as a protocol violation).
+    pipe = Pipe(loss=loss, seed=5)
+    sid = pipe.a.conn.open_stream()
+    pipe.a.conn.write(sid, b"request", fin=True)
+    assert pipe.run_until(lambda: sid in pipe.b.fin, 30)
+    pipe.b.conn.write(sid, b"ok\n")
+    assert pipe.run_until(lambda: pipe.a.stream(sid) == b"ok\n", 30)
+    pipe.b.conn.reset_stream(sid, 9)
+    assert pipe.run_until(lambda: any(e[0] == "reset" for e in pipe.a.events), 30)
+    assert not any(e[0] == "closed" for e in pipe.a.events + pipe.b.events)
+    sid2 = pipe.a.conn.open_stream()
+    pipe.a.conn.write(sid2, b"still fine", fin=True)
+    assert pipe.run_until(lambda: pipe.b.stream(sid2) == b"still fine", 30)
