@@ -10,11 +10,20 @@ from __future__ import annotations
 from typing import TYPE_CHECKING, Any
 
 __version__ = "0.1.0"
-__all__ = ["ControlClient", "Identity", "Node", "NodeConfig", "NodeHome", "__version__"]
+__all__ = [
+    "ControlClient",
+    "Identity",
+    "Node",
+    "NodeConfig",
+    "NodeHome",
+    "__version__",
+    "connect",
+]
 
 if TYPE_CHECKING:
     from cellmesh.config import NodeConfig
     from cellmesh.identity.keys import Identity
+    from cellmesh.node.connect import connect
     from cellmesh.node.control import ControlClient
     from cellmesh.node.home import NodeHome
     from cellmesh.node.node import Node
@@ -25,6 +34,7 @@ _LAZY = {
     "Identity": "cellmesh.identity.keys",
     "ControlClient": "cellmesh.node.control",
     "NodeHome": "cellmesh.node.home",
+    "connect": "cellmesh.node.connect",
 }
 
 

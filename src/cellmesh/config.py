@@ -333,11 +333,33 @@ class NodeConfig:
             "dropped and who are then banned at ring 0; relative to the home directory."
         ),
     )
+    blob_dir: str = field(
+        default="blobs",
+        metadata=_doc(
+            "Directory of the content-addressed blob store (docs/blobs_sync.md), relative to "
+            "the home directory; empty: no blob store (blobs are neither served nor fetched)."
+        ),
+    )
+    serve_blobs: bool = field(
+        default=True,
+        metadata=_doc(
+            "Serve the blocks of the blob store to peers that ask for them (BLOCK_WANT); off: "
+            "every request is answered REFUSED. Fetching from peers works either way."
+        ),
+    )
     database: str = field(
         default="cellmesh.db",
         metadata=_doc(
             "SQLite file of the channel logs (docs/state.md), relative to the home directory; "
             "empty: no state layer (pub, sub and log are unavailable)."
+        ),
+    )
+    sync_interval: float = field(
+        default=30.0,
+        metadata=_doc(
+            "Seconds between anti-entropy syncs of each channel this node subscribes to with "
+            "its host (jittered); a new subscription and a gap in a log sync at once anyway. "
+            "0: only those (no periodic sync)."
         ),
     )
 
@@ -702,6 +724,14 @@ def _problems(v: Mapping[str, Any]) -> Iterator[tuple[tuple[str, ...], str]]:
         yield (
             ("route_update_interval",),
             f"route_update_interval must be between 1 and 3600 seconds, got {v['route_update_interval']}",
+        )
+    if not (
+        math.isfinite(v["sync_interval"])
+        and (v["sync_interval"] == 0 or 0.5 <= v["sync_interval"] <= 86400)
+    ):
+        yield (
+            ("sync_interval",),
+            f"sync_interval must be 0 or between 0.5 and 86400 seconds, got {v['sync_interval']}",
         )
     for name in ("peer_packet_rate", "peer_packet_burst", "global_packet_rate", "relay_rate"):
         rate: float = v[name]

@@ -68,3 +68,26 @@ def test_channels_example_runs() -> None:
     assert r.returncode == 0, r.stderr
     assert "stranger refused: token_required" in r.stdout
     assert "viewer got b'rpm=3000' on telemetry/engine-3" in r.stdout
+
+
+def test_state_example_runs_and_is_the_one_documented() -> None:
+    r = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "state.py")],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    assert r.returncode == 0, r.stderr
+    lines = r.stdout.splitlines()
+    assert lines[0].startswith("embedded node ")
+    assert "live: 'eggs' by " in r.stdout
+    assert "log: ['milk', 'eggs']" in lines
+    assert "verified 2 events: sound" in lines
+    assert "pantry: {'milk': 1} after 2 events" in lines
+    assert lines[-1] == "milk: 1 (1 replica(s) merged)"
+    # docs/state.md shows the example's main() verbatim.
+    doc = (ROOT / "docs" / "state.md").read_text(encoding="utf-8")
+    section = doc.split("## Python API: cellmesh.connect", 1)[1]
+    shown = section.split("```python\n", 1)[1].split("```", 1)[0]
+    assert shown in (ROOT / "examples" / "state.py").read_text(encoding="utf-8")

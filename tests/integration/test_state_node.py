@@ -13,7 +13,13 @@ from cellmesh.config import NodeConfig
 from cellmesh.errors import LocalProtocolError
 from cellmesh.identity.keys import Identity
 from cellmesh.node.node import Node
-from cellmesh.state.events import ZERO_EVENT_ID, create_event, encode_event, verify_event
+from cellmesh.state.events import (
+    ZERO_EVENT_ID,
+    create_event,
+    encode_event,
+    event_id,
+    verify_event,
+)
 from cellmesh.state.log import StoredEvent
 
 LOCAL = ("127.0.0.1:0",)
@@ -162,7 +168,7 @@ def test_no_database_means_no_state_layer(tmp_path: Path) -> None:
     asyncio.run(go())
 
 
-def test_host_forwards_a_publishers_events_and_late_joiners_hold_them_pending(
+def test_host_forwards_a_publishers_events_and_late_joiners_catch_up(
     tmp_path: Path,
 ) -> None:
     async def go() -> None:
@@ -189,16 +195,45 @@ def test_host_forwards_a_publishers_events_and_late_joiners_hold_them_pending(
             assert {s.id for s in host.state.log(CHANNEL)} == {h1, w1}
             assert reader.state.verify(CHANNEL) == []
 
-            # A node that subscribes now misses h1: the host's next event (seq 2, prev = h1)
-            # is stored but stays pending, and is not shown, until h1 arrives (no catch-up yet).
+            # A node that subscribes now catches up: the grant starts a sync with the host,
+            # which brings h1 and w1; h2, published live, then follows them in the log.
             await late.channels.subscribe(host.cell_id, CHANNEL)
             host.state.publish(CHANNEL, b"h2")
-            for _ in range(100):
-                if late.state.counters["pending"]:
+            for _ in range(250):
+                if len(late.state.log(CHANNEL)) == 3:
                     break
                 await asyncio.sleep(0.02)
-            assert late.state.counters["pending"] == 1
-            assert late.state.log(CHANNEL) == []
-            assert late.state.store.stats(CHANNEL).pending == 1
+            assert [s.event.payload for s in late.state.log(CHANNEL)][-1] == b"h2"
+            assert {s.id for s in late.state.log(CHANNEL)} == {
+                s.id for s in host.state.log(CHANNEL)
+            }
+            assert late.state.store.stats(CHANNEL).pending == 0
+            assert late.state.verify(CHANNEL) == []
+
+    asyncio.run(go())
+
+
+def test_publish_sees_writes_made_beside_it(tmp_path: Path) -> None:
+    # `publish` remembers its last heads to save two queries, but only while nothing else wrote
+    # to the store: an event appended directly (ours or another author's) is taken into account.
+    async def go() -> None:
+        cfg = NodeConfig(listen=LOCAL, database=str(tmp_path / "n.db"))
+        other = Identity.generate()
+        async with Node(Identity.generate(), cfg) as node:
+            node.state.publish(CHANNEL, b"1")
+            second = node.state.store.get(node.state.publish(CHANNEL, b"2"))
+            assert second is not None
+            own = create_event(node.identity, CHANNEL, b"3, written directly", second.event, [], 3)
+            assert node.state.store.append(own).delivered
+            theirs = create_event(other, CHANNEL, b"someone else", None, [], 4)
+            assert node.state.store.append(theirs).delivered
+            p = node.state.publish_event(CHANNEL, b"4")
+            held = node.state.store.get(p.id)
+            assert held is not None
+            assert held.event.seq == 4
+            assert held.event.prev == event_id(own)  # chained to the event written directly
+            assert [h.author for h in held.event.horizon] == [other.cell_id]
+            assert node.state.store.forks(CHANNEL) == []
+            assert node.state.verify(CHANNEL) == []
 
     asyncio.run(go())

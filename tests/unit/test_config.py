@@ -73,7 +73,10 @@ EXPECTED_DEFAULTS: dict[str, object] = {
     "trusted_roots": (),
     "capabilities": (),
     "threat_list": "",
+    "blob_dir": "blobs",
+    "serve_blobs": True,
     "database": "cellmesh.db",
+    "sync_interval": 30.0,
 }
 
 
@@ -497,3 +500,14 @@ def test_mesh_settings_are_validated() -> None:
         NodeConfig(discovery_groups=("10.0.0.1",))
     assert NodeConfig(mesh_key="11" * 16).mesh_key == "11" * 16
     assert "mesh_key" not in repr(NodeConfig(mesh_key="11" * 16))
+
+
+@pytest.mark.parametrize("value", ["0.1", "-1", "nan", "inf", "100000"])
+def test_sync_interval_out_of_range_is_refused(value: str) -> None:
+    with pytest.raises(ConfigError, match=r"sync_interval must be 0 or between 0\.5 and 86400"):
+        load_config(f"sync_interval = {value}", {})
+
+
+@pytest.mark.parametrize("value", [0, 0.5, 30, 86400])
+def test_sync_interval_in_range_is_accepted(value: float) -> None:
+    assert load_config(f"sync_interval = {value}", {}).sync_interval == value

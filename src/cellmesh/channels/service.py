@@ -550,6 +550,10 @@ class ChannelService:
             for peer, name in subs.items():
                 yield name, peer
 
+    def holds_subscription(self, peer: bytes, h: int) -> bool:
+        """True if we are subscribed at `peer` to the channel with hash `h`. O(1)."""
+        return (peer, h) in self._subscriptions
+
     def subscriptions(self) -> list[tuple[bytes, str]]:
         """(host peer, channel) for every subscription we hold."""
         return [(peer, name) for (peer, _), name in self._subscriptions.items()]

@@ -25,7 +25,15 @@ from cellmesh.cli.channel_cmds import caps_cmd, channel_group, channels_cmd
 from cellmesh.cli.chaos_cmd import chaos_relay
 from cellmesh.cli.config_options import config_options, overrides_from
 from cellmesh.cli.routing_cmds import routes_cmd, trace_cmd
-from cellmesh.cli.state_cmds import blob_group, log_cmd, pub_cmd, sub_cmd
+from cellmesh.cli.state_cmds import (
+    blob_group,
+    fold_cmd,
+    log_cmd,
+    pub_cmd,
+    query_cmd,
+    sub_cmd,
+)
+from cellmesh.cli.sync_cmd import sync_cmd
 from cellmesh.cli.transfer_cmds import cp_cmd, recv_cmd, send_cmd
 from cellmesh.errors import CellmeshError, PeerUnreachableError
 from cellmesh.identity.cellid import format_cell_id, parse_cell_id
@@ -395,6 +403,9 @@ cli.add_command(recv_cmd)
 cli.add_command(pub_cmd)
 cli.add_command(sub_cmd)
 cli.add_command(log_cmd)
+cli.add_command(fold_cmd)
+cli.add_command(query_cmd)
+cli.add_command(sync_cmd)
 cli.add_command(blob_group)
 
 

@@ -11,14 +11,25 @@ import base64
 import datetime
 import json
 import sys
+import time
 from pathlib import Path
 from typing import Any
 
 import click
+from rich.progress import (
+    BarColumn,
+    DownloadColumn,
+    Progress,
+    TaskID,
+    TextColumn,
+    TimeRemainingColumn,
+    TransferSpeedColumn,
+)
 
 from cellmesh.cli.channel_cmds import EXIT_DENIED, _call, _chain_hex, _ctx
 from cellmesh.cli.transfer_cmds import err, fail, run
-from cellmesh.errors import AccessDeniedError, KeystoreError
+from cellmesh.errors import AccessDeniedError, CellmeshError, ControlError
+from cellmesh.identity.cellid import format_cell_id, parse_cell_id
 from cellmesh.node.blob_store import FileChunkStore
 from cellmesh.node.control import ControlClient
 from cellmesh.state.blob_cache import ChunkMissingError, IntegrityError
@@ -217,18 +228,23 @@ def blob_group() -> None:
     Example:
       cellmesh --home A blob put report.pdf          # prints the blob id
       cellmesh --home A blob get <blob id> -o copy.pdf
-    These commands work on the home directory and need no running node. Fetching a blob from
-    peers is not wired yet: `get` only finds blobs stored in this home.
+      cellmesh --home B blob get <blob id> -o copy.pdf --from <CellID of A>
+    `put`, and `get` of a blob stored here, work on the home directory and need no running
+    node. `get` of a blob not stored here asks the running node to fetch it from its peers
+    (docs/blobs_sync.md); the store is config `blob_dir` (default <home>/blobs).
     """
 
 
 def _blob_store(obj: object) -> FileChunkStore:
-    home = _ctx(obj).home
+    ctx = _ctx(obj)
     try:
-        home.ensure()  # a new home is created 0700 like every other
-    except KeystoreError as exc:
+        ctx.home.ensure()  # a new home is created 0700 like every other
+        blob_dir = ctx.home.load_config(ctx.env).blob_dir
+    except CellmeshError as exc:
         fail(str(exc))
-    return FileChunkStore(home.blobs_path)
+    if not blob_dir:
+        fail("no blob store: config blob_dir is empty")
+    return FileChunkStore(Path(blob_dir))
 
 
 @blob_group.command("put")
@@ -254,12 +270,35 @@ def blob_put(obj: object, file: str) -> None:
 @click.option(
     "-o", "--output", type=click.Path(dir_okay=False), required=True, help="File to write."
 )
+@click.option(
+    "--from",
+    "peers",
+    metavar="CELLID",
+    multiple=True,
+    help="Fetch from this peer (repeat for several; default: every connected peer).",
+)
+@click.option(
+    "--timeout",
+    type=click.FloatRange(min=0, min_open=True, max=86400),
+    default=None,
+    help="Give up fetching after this many seconds (default: when no peer can serve it).",
+)
 @click.pass_obj
-def blob_get(obj: object, blob_id: str, output: str) -> None:
+def blob_get(
+    obj: object, blob_id: str, output: str, peers: tuple[str, ...], timeout: float | None
+) -> None:
     """Write blob HASH (64 hex) to the file given with -o, verified chunk by chunk.
 
-    Exit code 1 when the blob is not stored here or a chunk fails verification (nothing is
-    written under the output name then).
+    \b
+    A blob stored in this home is written at once. Otherwise the running node fetches it
+    from the peers given with --from (or every connected peer), several at once, checking
+    every block's BLAKE3 as it arrives; a peer that sends a corrupt block is dropped from the
+    fetch and its blocks are fetched from the others. Fetched blocks stay in the store (a new
+    attempt resumes; the node serves them to others). Progress goes to stderr.
+
+    Exit code 1 when the blob cannot be had (the error names what each peer answered: not
+    found, refused, timed out, corrupt) or fails verification; nothing is written under the
+    output name then.
     """
     try:
         raw = bytes.fromhex(blob_id)
@@ -268,11 +307,194 @@ def blob_get(obj: object, blob_id: str, output: str) -> None:
     if len(raw) != 32:
         fail(f"{blob_id!r} is not a blob id (64 hex digits)")
     try:
-        manifest = _blob_store(obj).export_blob(raw, Path(output))
+        cells = [format_cell_id(parse_cell_id(p)) for p in peers]
+    except ValueError as exc:
+        fail(f"bad --from: {exc}")
+    out = Path(output).absolute()
+    reason = "is not stored in this home"
+    try:
+        manifest = _blob_store(obj).export_blob(raw, out)
     except FileNotFoundError:
-        fail(f"blob {blob_id} is not stored in this home")
+        pass
     except (ChunkMissingError, IntegrityError) as exc:
-        fail(f"blob {blob_id} cannot be rebuilt: {exc}")
+        reason = f"cannot be rebuilt from this home ({exc})"
     except OSError as exc:
         fail(f"cannot write {output}: {exc}")
-    err.print(f"wrote {manifest.total_size} bytes to {output}")
+    else:
+        err.print(f"wrote {manifest.total_size} bytes to {output}")
+        return
+    socket_path = _ctx(obj).home.control_socket_path
+
+    async def go() -> dict[str, Any]:
+        try:
+            async with ControlClient(socket_path) as c:
+                with _FetchProgress(blob_id[:12]) as progress:
+                    return await c.blob_fetch(
+                        raw.hex(), str(out), cells or None, timeout, progress.update
+                    )
+        except ControlError as exc:
+            # The node's own words (which peer answered what), or why there is no node.
+            fail(f"blob {blob_id} {reason}, and fetching it from peers failed: {exc}")
+
+    r = run(go)
+    served = [p for p in r["peers"] if p["blocks"]]
+    seconds = float(r["seconds"])
+    rate = f", {r['bytes_fetched'] / seconds / 1e6:.2f} MB/s" if seconds > 0 else ""
+    err.print(
+        f"fetched {r['bytes_fetched']} bytes in {r['blocks_fetched']} block(s) from "
+        f"{len(served)} peer(s) in {seconds:.2f} s{rate}; wrote {r['bytes']} bytes to {output}",
+        soft_wrap=True,
+    )
+    for p in r["peers"]:
+        if p["status"] == "banned":
+            err.print(f"peer {p['cell_id']} dropped from the fetch: {p['detail']}", soft_wrap=True)
+
+
+class _FetchProgress:
+    """`blob get` progress: a rich bar on a terminal, a plain line a second otherwise."""
+
+    def __init__(self, name: str) -> None:
+        self._name = name
+        self._bar: Progress | None = None
+        self._task: TaskID | None = None
+        self._last = 0.0
+
+    def __enter__(self) -> _FetchProgress:
+        if err.is_terminal:
+            self._bar = Progress(
+                TextColumn("{task.description}"),
+                BarColumn(),
+                DownloadColumn(),
+                TransferSpeedColumn(),
+                TimeRemainingColumn(),
+                console=err,
+                transient=True,
+            )
+            self._bar.start()
+            self._task = self._bar.add_task(f"fetching {self._name}", total=None)
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        if self._bar is not None:
+            self._bar.stop()
+
+    def update(self, line: dict[str, Any]) -> None:
+        done = int(line.get("progress") or 0)
+        total = line.get("total")
+        total_n = int(total) if isinstance(total, int) and total > 0 else None
+        if self._bar is not None and self._task is not None:
+            self._bar.update(self._task, completed=done, total=total_n)
+            return
+        now = time.monotonic()
+        if now - self._last < 1.0:
+            return
+        self._last = now
+        share = f" ({100 * done / total_n:.0f}%)" if total_n else ""
+        err.print(f"fetching: {done} of {total_n or '?'} bytes{share}", soft_wrap=True)
+
+
+_FOLD_FORMATS = """\b
+Built-in folds (every channel has them; event payloads are UTF-8 JSON, anything else is
+counted as ignored, never an error):
+  counter  payload empty (counts 1) or an integer (5, -2)      value: the sum
+  lww      {"set": {KEY: VALUE, ...}, "del": [KEY, ...]}       value: the live map
+  set      {"add": [ELEMENT, ...], "remove": [ELEMENT, ...]}   value: the elements
+  latest   a JSON object with a string member "key"            value: latest object per key
+Conflicts are settled by causal order (then Lamport clock and event id), so every replica
+holding the same events computes the same value. Folds registered in Python on the node
+(node.state.folds.register) are addressed by their name too.
+
+\b
+--key K selects one key: lww gives its value (null when absent or deleted), latest its
+record, set whether element K is present (K is JSON text such as 5 or '"5"'; text that is
+not JSON is the string itself). A counter has no keys."""
+
+
+_FOLD_HELP = """Print the value of fold NAME over this node's log of CHANNEL.
+
+\b
+The running node brings the fold up to date with every event delivered to its log so far
+(its own and its peers', see `cellmesh pub`/`sub`) and prints the value as JSON on stdout;
+stderr says how many events it reflects and the log position of the last one. Only this
+node's log is read: `cellmesh query` asks the peers holding CHANNEL too.
+
+\b
+Example:
+  cellmesh --home A pub app/doc '{"set": {"title": "draft"}}'
+  cellmesh --home A fold app/doc lww                  # {"title": "draft"}
+  cellmesh --home A fold app/doc lww --key title      # "draft"
+Exit codes: 0 printed, 1 error (unknown fold, a key on a counter, no node).
+"""
+
+_QUERY_HELP = """Print fold NAME of CHANNEL merged over this node and the peers that hold CHANNEL.
+
+\b
+The node evaluates the fold on its own log and asks, all at once, every peer holding
+CHANNEL from its point of view: peers subscribed to CHANNEL here, hosts it subscribed to,
+hosts that let it publish into CHANNEL. A peer answers only if CHANNEL is shared with
+this node (subscribed either way, or this node publishes into it there). lww, set and
+latest merge entry by entry (the causally latest write of each key wins, deletions
+included), which is exactly the value of one replica holding all their events together;
+a counter (and a Python fold) takes the answer of the replica that applied the most events.
+
+\b
+stdout: the merged value as JSON. stderr: how many replicas were merged, and the peers
+that timed out or refused (with the reason: not_entitled, unknown_fold, fold_mismatch,
+unreachable, bad_answer, ...). Answers are capped at 256 KiB; a cut one is named.
+Exit codes: 0 printed (even if some peers did not answer), 1 error.
+"""
+
+
+def _compact(value: Any) -> str:
+    return json.dumps(value, sort_keys=True, ensure_ascii=False)
+
+
+@click.command("fold", help=_FOLD_HELP + "\n" + _FOLD_FORMATS)
+@click.argument("channel")
+@click.argument("name")
+@click.option("--key", metavar="K", help="Only this key (lww, latest, set; see above).")
+@click.option("--json", "as_json", is_flag=True, help="The node's whole answer as one JSON object.")
+@click.pass_obj
+def fold_cmd(obj: object, channel: str, name: str, key: str | None, as_json: bool) -> None:
+    """Print the value of fold NAME over this node's log of CHANNEL (`_FOLD_HELP`)."""
+    r = _call(obj, "fold", channel=channel, fold=name, key=key)
+    if as_json:
+        click.echo(_compact(r))
+        return
+    click.echo(_compact(r["value"]))
+    err.print(f"{name} on {channel}: {r['events']} event(s), log position {r['position']}")
+
+
+@click.command("query", help=_QUERY_HELP + "\n" + _FOLD_FORMATS)
+@click.argument("channel")
+@click.argument("name")
+@click.option("--key", metavar="K", help="Only this key (lww, latest, set; see above).")
+@click.option(
+    "--timeout",
+    type=float,
+    default=2.0,
+    show_default=True,
+    help="Seconds to wait for the peers' answers (one deadline for all, at most 60).",
+)
+@click.option("--json", "as_json", is_flag=True, help="The node's whole answer as one JSON object.")
+@click.pass_obj
+def query_cmd(
+    obj: object, channel: str, name: str, key: str | None, timeout: float, as_json: bool
+) -> None:
+    """Print fold NAME of CHANNEL merged over the replicas (`_QUERY_HELP`)."""
+    r = _call(obj, "query", channel=channel, fold=name, key=key, timeout=timeout)
+    if as_json:
+        click.echo(_compact(r))
+        return
+    click.echo(_compact(r["value"]))
+    how = "merged by stamp" if r["strategy"] == "stamp" else f"taken from {r['chosen']}"
+    err.print(
+        f"{name} on {channel}: {r['replicas']} replica(s) ({how}); "
+        f"{len(r['answered'])} peer(s) answered"
+    )
+    for peer in r["timed_out"]:
+        err.print(f"  {peer}: no answer within {timeout:g} s")
+    for peer, reason in r["refused"].items():
+        err.print(f"  {peer}: refused ({reason})")
+    for peer in r["truncated"]:
+        err.print(f"  {peer}: answer truncated; its entries beyond the cut are missing")

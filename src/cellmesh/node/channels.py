@@ -27,7 +27,13 @@ from cellmesh.channels.service import (
     ChannelService,
     GrantEnded,
 )
-from cellmesh.errors import AccessDeniedError, ConfigError, DecodeError, PeerUnreachableError
+from cellmesh.errors import (
+    AccessDeniedError,
+    ConfigError,
+    DecodeError,
+    LocalProtocolError,
+    PeerUnreachableError,
+)
 from cellmesh.filter.access import AccessController
 from cellmesh.filter.channels import ChannelSpec, ChannelTable, parse_channel_spec
 from cellmesh.filter.inspection import (
@@ -62,6 +68,8 @@ INSPECTION_BUDGET_ITEMS: Final = 256
 INSPECTION_BUDGET_SECONDS: Final = 0.005
 INSPECTION_PER_SOURCE: Final = 256
 ANY: Final = ""
+MAX_INTENTS: Final = 4096
+"""Most grants remembered for renewal after a reconnection."""
 RELAY_CHANNEL: Final = "relay"
 """The channel name policy rules use to speak about relaying for a neighbour."""
 
@@ -157,6 +165,13 @@ class ChannelDriver:
         self.taps: list[Callable[[ChannelMessage], bool]] = []
         """Called with each granted message before it is queued; one returning True consumed
         it (the state layer takes the messages that carry events this way)."""
+        self.grant_listeners: list[Callable[[bytes, str], None]] = []
+        """Called with (host, channel) each time a host grants us a subscription or a publish
+        right (first time or renewed): the state layer starts a sync then."""
+        self._intents: dict[tuple[bytes, str, Op], tuple[Token, ...]] = {}
+        """Grants we asked for and were given, renewed when the host reconnects: a session
+        that dies in a partition ends every grant, and the application still wants them."""
+        self._renewing: set[asyncio.Task[None]] = set()
         self.dropped: Counter[str] = Counter()
         self._watch: asyncio.TimerHandle | None = None
         self._stopped = False
@@ -170,6 +185,8 @@ class ChannelDriver:
         self._stopped = True
         if self._watch is not None:
             self._watch.cancel()
+        for task in list(self._renewing):
+            task.cancel()
         for fut in self._replies.values():
             if not fut.done():
                 fut.set_exception(PeerUnreachableError("node stopped"))
@@ -323,6 +340,7 @@ class ChannelDriver:
         finally:
             self._replies.pop(rid, None)
         if not reply.allowed:
+            self._intents.pop((peer, channel, op), None)
             what = "subscribe to" if op == Op.SUBSCRIBE else "publish on"
             detail = f": {reply.detail}" if reply.detail else ""
             raise AccessDeniedError(
@@ -330,9 +348,37 @@ class ChannelDriver:
                 f"({reply.reason}){detail}",
                 reply.reason,
             )
+        if (peer, channel, op) in self._intents or len(self._intents) < MAX_INTENTS:
+            self._intents[(peer, channel, op)] = chain
+        for listener in list(self.grant_listeners):
+            listener(peer, channel)
+
+    def _renew(self, peer: bytes) -> None:
+        """Ask `peer` again for the grants it gave us before its session ended."""
+        wanted = [(k, chain) for k, chain in self._intents.items() if k[0] == peer]
+        for (_, channel, op), chain in wanted:
+            task = asyncio.ensure_future(self._renew_one(peer, channel, op, chain))
+            self._renewing.add(task)
+            task.add_done_callback(self._renewing.discard)
+
+    async def _renew_one(self, peer: bytes, channel: str, op: Op, chain: tuple[Token, ...]) -> None:
+        try:
+            await self._ask(peer, op, channel, chain, 5.0)
+        except AccessDeniedError as exc:
+            log.warning("%s no longer granted after reconnecting: %s", channel, exc)
+        except (PeerUnreachableError, LocalProtocolError) as exc:
+            log.info("could not renew %s at %s: %s", channel, format_cell_id(peer), exc)
+        else:
+            log.info(
+                "renewed %s on %s at %s",
+                "subscription" if op == Op.SUBSCRIBE else "publish grant",
+                channel,
+                format_cell_id(peer),
+            )
 
     def unsubscribe(self, peer: bytes, channel: str) -> bool:
         """Leave a subscription."""
+        self._intents.pop((peer, channel, Op.SUBSCRIBE), None)
         ok = self.service.unsubscribe(peer, channel, self._node._now())
         self._node._pump()
         return ok
@@ -416,6 +462,8 @@ class ChannelDriver:
 
     def on_connected(self, peer: bytes) -> None:
         self.service.announce(peer, Caps(self.advert()), self._node._now())
+        if not self._stopped and any(k[0] == peer for k in self._intents):
+            self._renew(peer)
 
     def on_gone(self, peer: bytes) -> None:
         self.service.on_peer_gone(peer)

@@ -4,7 +4,8 @@ Request:  {"op": "peers"}                 one JSON object per line, at most 64 K
 Response: {"ok": true, "result": ...}     or {"ok": false, "error": "one-line message", "kind": "..."}
 
 Operations: `status`, `peers`, `ping` {cell_id, timeout, size}, `connect` {address, timeout},
-`transfers` (transfers in progress).
+`transfers` (transfers in progress). Blob operations (`blobs`, and the streaming `blob_fetch`):
+node/blob_control.py.
 
 Transfer operations take over the connection and close it after their final line:
 
@@ -46,6 +47,7 @@ from cellmesh.errors import (
 from cellmesh.identity.cellid import format_cell_id, parse_cell_id
 from cellmesh.identity.tokens import TokenError
 from cellmesh.node.anchor_control import ANCHOR_OPS, anchor_op
+from cellmesh.node.blob_control import BLOB_OPS, BLOB_STREAMING_OPS, blob_op, blob_streaming_op
 from cellmesh.node.channel_control import CHANNEL_OPS, channel_op
 from cellmesh.node.node import Node
 from cellmesh.node.state_control import STATE_OPS, state_op
@@ -173,6 +175,9 @@ class ControlServer:
                 req = self._parse(line)
                 if "ok" in req:  # not a request: the error to answer
                     await self._reply(writer, req)
+                elif req["op"] in BLOB_STREAMING_OPS:
+                    await blob_streaming_op(self.node, req, reader, writer)
+                    return  # like the transfer operations: it ends with its final line
                 elif req["op"] in STREAMING_OPS:
                     await self._streaming(req, reader, writer)
                     return  # these take over the connection; it ends with their final line
@@ -260,6 +265,8 @@ class ControlServer:
             return await channel_op(node, req)
         if op in ANCHOR_OPS:
             return anchor_op(node, req)
+        if op in BLOB_OPS:
+            return blob_op(node, req)
         if op in STATE_OPS:
             return await state_op(node, req)
         if op in ("routes", "routing", "trace"):
@@ -539,6 +546,34 @@ class ControlClient:
         if name is not None:
             args["name"] = name
         await self._request("cp", **args)
+        while True:
+            reply = await self._read_reply()
+            if "ok" not in reply:
+                if on_progress is not None:
+                    on_progress(reply)
+                continue
+            if reply["ok"]:
+                result: dict[str, Any] = reply["result"]
+                return result
+            raise self._failed(reply)
+
+    async def blob_fetch(
+        self,
+        blob_id: str,
+        path: str,
+        peers: list[str] | None = None,
+        timeout: float | None = None,  # noqa: ASYNC109 - the node's deadline, sent with the op
+        on_progress: Callable[[dict[str, Any]], None] | None = None,
+    ) -> dict[str, Any]:
+        """Have the node fetch blob `blob_id` from `peers` (default: every connected peer) and
+        write it to absolute `path` (op `blob_fetch`, node/blob_control.py). `on_progress`
+        gets each `{"phase", "progress", "total"}` line. Raises ControlError with the reason."""
+        args: dict[str, Any] = {"blob_id": blob_id, "path": path}
+        if peers:
+            args["peers"] = peers
+        if timeout is not None:
+            args["timeout"] = timeout
+        await self._request("blob_fetch", **args)
         while True:
             reply = await self._read_reply()
             if "ok" not in reply:

@@ -337,8 +337,15 @@ class NodeHome:
         database = config.database
         if database and not Path(database).is_absolute():
             database = str(self._path / database)
+        blob_dir = config.blob_dir
+        if blob_dir and not Path(blob_dir).is_absolute():
+            blob_dir = str(self._path / blob_dir)
         return dataclasses.replace(
-            config, policy_file=policy_file, threat_list=threat_list, database=database
+            config,
+            policy_file=policy_file,
+            threat_list=threat_list,
+            database=database,
+            blob_dir=blob_dir,
         )
 
     def write_default_config(self) -> bool:

@@ -27,6 +27,7 @@ from cellmesh.filter.inspection import Inspector
 from cellmesh.identity.cellid import format_cell_id, parse_cell_id
 from cellmesh.identity.keys import Identity
 from cellmesh.node.anchor import ANCHOR_MAGIC, AnchorDriver
+from cellmesh.node.blob_service import BlobService
 from cellmesh.node.channels import ChannelDriver
 from cellmesh.node.discovery import DiscoveryDriver
 from cellmesh.node.routing import RoutingDriver
@@ -123,6 +124,8 @@ class Node:
         self._lane_of: dict[bytes, Addr] = {}  # peers with a socket of their own
         self.services = StreamServices(self)
         """Stream kinds the node serves itself (sync, blobs, queries): node/services.py."""
+        self.blobs = BlobService(self)
+        """Blob exchange with peers (node/blob_service.py): serves "blob" streams, `fetch`."""
 
     # ------------------------------------------------------------------ lifecycle
 
@@ -194,6 +197,7 @@ class Node:
                 self._endpoint = None
                 raise
             self._state.start()
+        self.blobs.start()
         if self.config.routing:
             self.routing = RoutingDriver(self)
             self.routing.start()
@@ -251,6 +255,7 @@ class Node:
         if self.discovery is not None:
             self.discovery.stop()
             self.discovery = None
+        await self.blobs.stop()
         await self.services.stop()
         if self._state is not None:
             self._state.close()

@@ -98,7 +98,11 @@ class StreamServices:
         self.counters[what] = self.counters.get(what, 0) + 1
 
     async def open(
-        self, peer: bytes | str, kind: str, timeout: float = 5.0, **fields: Any
+        self,
+        peer: bytes | str,
+        kind: str,
+        timeout: float = 5.0,  # noqa: ASYNC109 - bounds connecting, like Node.open_stream
+        **fields: Any,
     ) -> Stream:
         """Open a stream to `peer` and write the header of `kind` (with `fields`)."""
         line = header_line(kind, **fields)

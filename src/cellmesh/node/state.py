@@ -17,9 +17,9 @@ default, the ``database`` config field). This module only connects them to the n
   entitles a peer to write into a log.
 * `subscribe` and `next_event` read the log by position, then wait for the next delivery.
 
-Only live events flow: a peer that subscribes after events were published receives the next
-ones, which stay pending in its log until the earlier ones arrive (no anti-entropy sync is
-wired to the node yet; see docs/state.md).
+Live events flow as they are published; `StateSync` (node/state_sync.py) reconciles the rest:
+a subscriber syncs with its host when the subscription is granted (a late subscriber catches
+up), when a live event arrives whose predecessors it lacks, and every `sync_interval` seconds.
 """
 
 from __future__ import annotations
@@ -36,9 +36,11 @@ from typing import TYPE_CHECKING, Final
 from cellmesh.errors import DecodeError
 from cellmesh.identity.cellid import format_cell_id
 from cellmesh.node.channels import ChannelMessage
+from cellmesh.node.state_folds import NodeFolds
+from cellmesh.node.state_sync import StateSync
 from cellmesh.node.store_sqlite import SqliteLogStore
-from cellmesh.state.events import create_event, decode_event
-from cellmesh.state.log import AppendStatus, Problem, StoredEvent, StoreError
+from cellmesh.state.events import Event, create_event, decode_event, encode_event
+from cellmesh.state.log import AppendStatus, Head, Problem, StoredEvent, StoreError
 
 if TYPE_CHECKING:
     from cellmesh.node.node import Node
@@ -68,18 +70,26 @@ class StateDriver:
         self._node = node
         self.path = Path(path)
         self.store = SqliteLogStore(self.path)
+        self.folds = NodeFolds(node, self.store)
+        """Folds over the logs and federated fold queries (node/state_folds.py)."""
         self._signals: dict[str, asyncio.Event] = {}
+        self._tips: dict[str, tuple[int, list[Head], Event]] = {}
+        """Per channel, after our last publish: (store.writes then, the heads, our event)."""
         self.counters: Counter[str] = Counter()
-        """received / duplicate / pending / refused_<reason> / wrong_channel / published."""
+        """received / duplicate / pending / refused_<reason> / wrong_channel / published / synced."""
+        self.sync = StateSync(node, self, node.config.sync_interval)
+        """Anti-entropy with the hosts of the channels we subscribe to (node/state_sync.py)."""
         self._closed = False
 
     def start(self) -> None:
         self._node.channels.taps.append(self._on_message)
+        self.sync.start()
 
     def close(self) -> None:
         if self._closed:
             return
         self._closed = True
+        self.sync.close()
         channels = self._node._channels
         if channels is not None and self._on_message in channels.taps:
             channels.taps.remove(self._on_message)
@@ -102,14 +112,20 @@ class StateDriver:
         """
         store = self.store
         me = self._node.identity.cell_id
-        heads = store.heads(channel)
-        own = [h for h in heads if bytes(h.author) == me]
-        prev = None
-        if own:
-            held = store.get(own[0].id)
-            if held is None:  # pragma: no cover - heads name held events
-                raise StoreError(f"head {own[0].id.hex()} of our chain is missing")
-            prev = held.event
+        cached = self._tips.get(channel)
+        if cached is not None and cached[0] == store.writes:
+            # Nothing was written since our last publish here: its heads and our own latest
+            # event are still what the store would answer (saves two queries per publish).
+            heads, prev = cached[1], cached[2]
+        else:
+            heads = store.heads(channel)
+            own = [h for h in heads if bytes(h.author) == me]
+            prev = None
+            if own:
+                held = store.get(own[0].id)
+                if held is None:  # pragma: no cover - heads name held events
+                    raise StoreError(f"head {own[0].id.hex()} of our chain is missing")
+                prev = held.event
         event = create_event(
             self._node.identity,
             channel,
@@ -120,15 +136,25 @@ class StateDriver:
         )
         result = store.append(event)
         if result.status is not AppendStatus.NEW or result.event_id is None:
+            self._tips.pop(channel, None)
             raise StoreError(
                 f"our own event was not stored: {result.status.value} "
                 f"{result.reason or ''} {result.detail}".rstrip()
             )
+        if result.delivered and result.position is not None:
+            mine = Head(channel, me, event.seq, event.clock, result.event_id, result.position)
+            tips = [h for h in heads if bytes(h.author) != me] + [mine]
+            tips.sort(key=lambda h: bytes(h.author))
+            if len(self._tips) >= MAX_WAITERS and channel not in self._tips:
+                self._tips.clear()
+            self._tips[channel] = (store.writes, tips, event)
+        else:  # pragma: no cover - our own event always extends our own delivered chain
+            self._tips.pop(channel, None)
         self.counters["published"] += 1
+        self.sync.note_appended(channel, result.event_id, event.clock)
         self._notify(channel)
-        held = store.get(result.event_id)
-        assert held is not None
-        sent = self._node.channels.publish(channel, held.encoded)
+        encoded = encode_event(event)
+        sent = self._node.channels.publish(channel, encoded)
         return Published(result.event_id, event.seq, result.position or 0, sent)
 
     def _on_message(self, msg: ChannelMessage) -> bool:
@@ -167,6 +193,8 @@ class StateDriver:
             self.counters["duplicate"] += 1
         else:
             self.counters["received"] += 1
+            if result.event_id is not None:
+                self.sync.note_appended(msg.channel, result.event_id, event.clock)
             if result.fork is not None:
                 self.counters["fork"] += 1
                 log.warning(
@@ -179,6 +207,10 @@ class StateDriver:
                 self._notify(msg.channel)
             else:
                 self.counters["pending"] += 1
+                # A gap: events before this one never reached us (we subscribed late, or a
+                # partition ate them). Ask the host for the difference now.
+                if self.sync.holds_subscription(msg.peer, msg.channel):
+                    self.sync.request(msg.peer, msg.channel)
         return True
 
     # ------------------------------------------------------------------ reading
@@ -242,4 +274,9 @@ class StateDriver:
                 "pending": st.pending,
                 "forks": st.forks,
             }
-        return {"database": str(self.path), "channels": channels, "counters": dict(self.counters)}
+        return {
+            "database": str(self.path),
+            "channels": channels,
+            "counters": dict(self.counters),
+            "sync": self.sync.status(),
+        }

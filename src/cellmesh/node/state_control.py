@@ -10,15 +10,17 @@ import asyncio
 import base64
 from typing import TYPE_CHECKING, Any, Final
 
-from cellmesh.errors import LocalProtocolError
-from cellmesh.identity.cellid import format_cell_id
+from cellmesh.errors import CellmeshError, LocalProtocolError
+from cellmesh.identity.cellid import format_cell_id, parse_cell_id
 from cellmesh.node.channel_control import _data, _timeout
 from cellmesh.state.log import StoredEvent, StoreError
 
 if TYPE_CHECKING:
     from cellmesh.node.node import Node
 
-STATE_OPS: Final = frozenset({"pub", "log", "log_verify", "sub_recv", "state"})
+STATE_OPS: Final = frozenset(
+    {"pub", "log", "log_verify", "sub_recv", "state", "fold", "query", "sync"}
+)
 MAX_LOG_EVENTS: Final = 10000
 """Most events one `log` answer carries; ask again with `after` for the rest."""
 
@@ -62,6 +64,8 @@ async def _state_op(node: Node, req: dict[str, Any]) -> Any:
     if op == "state":
         return st.status()
     channel = str(req["channel"])
+    if op == "sync":
+        return await _sync(node, channel, req)
     if op == "pub":
         p = st.publish_event(channel, _data(req))
         return {"id": p.id.hex(), "seq": p.seq, "position": p.position, "sent_to": p.sent_to}
@@ -101,4 +105,56 @@ async def _state_op(node: Node, req: dict[str, Any]) -> Any:
             "after": position,
             "event": None if stored is None else event_json(stored),
         }
+    if op in ("fold", "query"):
+        return await _fold_op(node, op, channel, req)
     raise ValueError(f"unknown op {op!r}")
+
+
+async def _fold_op(node: Node, op: str, channel: str, req: dict[str, Any]) -> dict[str, Any]:
+    """``fold``: a fold's value in this node's log; ``query``: merged over the replicas
+    (node/state_folds.py; docs/state.md, "Folds and queries through the node")."""
+    fold = str(req["fold"])
+    key = req.get("key")
+    if key is not None and not isinstance(key, str):
+        raise ValueError("key must be a string or null")
+    folds = node.state.folds
+    if op == "fold":
+        v = folds.read(channel, fold, key)
+        return {
+            "channel": v.channel,
+            "fold": v.fold,
+            "key": v.key,
+            "value": v.value,
+            "position": v.position,
+            "events": v.events,
+        }
+    result = await folds.query(channel, fold, key, timeout=float(req.get("timeout", 2.0)))
+    return result.to_json()
+
+
+async def _sync(node: Node, channel: str, req: dict[str, Any]) -> dict[str, Any]:
+    """Reconcile `channel` now with one peer (`peer`) or every host we subscribe to it at."""
+    sync = node.state.sync
+    peers: list[bytes]
+    if req.get("peer"):
+        peers = [bytes(parse_cell_id(str(req["peer"])))]
+    else:
+        peers = sorted(
+            {bytes(p) for p, name in node.channels.service.subscriptions() if name == channel}
+        )
+        if not peers:
+            raise ValueError(
+                f"this node subscribes to {channel} nowhere; name a peer (--with) or subscribe first"
+            )
+    timeout = _timeout(req, 60.0)
+
+    async def one(peer: bytes) -> dict[str, Any]:
+        try:
+            return (await sync.sync_with(peer, channel, timeout)).as_json()
+        except TimeoutError:
+            return {"peer": format_cell_id(peer), "error": f"no result within {timeout:g} s"}
+        except CellmeshError as exc:
+            return {"peer": format_cell_id(peer), "error": str(exc)}
+
+    results = await asyncio.gather(*(one(p) for p in peers))
+    return {"channel": channel, "results": list(results)}

@@ -96,6 +96,7 @@ DEFAULT_MAX_PENDING = 10_000
 MAX_PROBLEMS = 1000
 """`verify_chain` stops listing problems after this many (and says so in the last one)."""
 PAGE = 256
+_ID_PAGE = 4096
 """Rows read per query when streaming: bounds memory whatever the log size."""
 
 # Kinds of dependency a pending event waits on (the `waiting` index).
@@ -433,6 +434,9 @@ class LogStoreBase(abc.ABC):
         self._clock_ms = clock_ms
         self.max_pending = max_pending
         self._closed = False
+        self.writes = 0
+        """Transactions that may have changed events (appends, retention) through this object:
+        a caller caching what it read (heads) knows the cache is current while this holds."""
 
     # -- primitives an engine implements -------------------------------------------------
 
@@ -547,6 +551,7 @@ class LogStoreBase(abc.ABC):
     def append(self, event: Event | bytes) -> AppendResult:
         """Store one event; durable when it returns (see the module docstring)."""
         self._check_open()
+        self.writes += 1
         with self._transaction():
             return self._append_one(event)
 
@@ -561,6 +566,7 @@ class LogStoreBase(abc.ABC):
         for item in items:
             if not isinstance(item, Event | bytes | bytearray | memoryview):
                 raise TypeError(f"append takes an Event or bytes, not {type(item).__name__}")
+        self.writes += 1
         with self._transaction():
             return [self._append_one(e) for e in items]
 
@@ -757,6 +763,26 @@ class LogStoreBase(abc.ABC):
 
     # -- reading --------------------------------------------------------------------------
 
+    def get_encoded(self, event_id: bytes) -> bytes | None:
+        """The stored encoding of the event with that id (pending or delivered), or None.
+        Cheaper than `get`: nothing is decoded (sync serves events this way)."""
+        self._check_open()
+        return self._encoded(bytes(event_id))
+
+    def id_clocks(self, channel: str) -> Iterator[tuple[bytes, int]]:
+        """(id, clock) of every event stored on `channel`, pending ones too, in no useful
+        order: what a sync index needs, read page by page without decoding events."""
+        self._check_open()
+        after: tuple[object, ...] | None = None
+        while True:
+            page = self._page_raw(channel, after, _ID_PAGE)
+            for raw in page:
+                after = (raw.author, raw.seq, raw.id)
+                if isinstance(raw.id, bytes) and isinstance(raw.clock, int):
+                    yield raw.id, raw.clock
+            if len(page) < _ID_PAGE:
+                return
+
     def get(self, event_id: bytes) -> StoredEvent | None:
         """The event with that id, pending or delivered, or None."""
         self._check_open()
@@ -885,6 +911,7 @@ class LogStoreBase(abc.ABC):
         if policy.keeps_all:
             return RetentionReport(channel, 0, 0, 0)
         cutoff = None if policy.max_age_ms is None else now_ms - policy.max_age_ms
+        self.writes += 1
         with self._transaction():
             _, total, _, _ = self._totals(channel)
             states: dict[bytes, AuthorState] = {}

@@ -202,6 +202,10 @@ class SyncStats:
     wants_dropped: int
     push_ranges_dropped: int
     malformed: int
+    events_ignored: int = 0
+    """Events a send-only side received and ignored."""
+    wants_skipped: int = 0
+    """Ids a send-only side saw it lacked and did not ask for."""
 
 
 @dataclass(slots=True, eq=False)
@@ -262,9 +266,15 @@ class SyncSession:
         role: SyncRole,
         now: float,
         settings: SyncSettings | None = None,
+        accept_events: bool = True,
     ) -> None:
         self.store = store
         self.role = role
+        self.accept_events = accept_events
+        """False: a send-only side (the peer may read from us but not write to us). It never
+        wants ids and ignores events the peer pushes (counted in `events_ignored`)."""
+        self._events_ignored = 0
+        self._wants_skipped = 0
         self.settings = settings if settings is not None else SyncSettings()
         self._now = now
         self._last_activity = now
@@ -371,6 +381,8 @@ class SyncSession:
             wants_dropped=self._wants_dropped,
             push_ranges_dropped=self._push_ranges_dropped,
             malformed=self._malformed,
+            events_ignored=self._events_ignored,
+            wants_skipped=self._wants_skipped,
         )
 
     # ------------------------------------------------------------------ timer
@@ -481,6 +493,9 @@ class SyncSession:
             self._idle_turns = 0
 
     def _accept_events(self, events: tuple[bytes, ...]) -> None:
+        if not self.accept_events:
+            self._events_ignored += len(events)
+            return
         for data in events:
             self._events_received += 1
             added: Added | None = self.store.add_encoded(data)
@@ -507,6 +522,9 @@ class SyncSession:
             self._push_ids += 1
 
     def _want(self, event_id: bytes) -> None:
+        if not self.accept_events:
+            self._wants_skipped += 1
+            return
         if event_id in self._wanted:
             return
         if len(self._wanted) >= self.settings.max_pending_wants:

@@ -201,11 +201,17 @@ def test_load_keystore_that_is_a_directory(home: NodeHome) -> None:
 
 def test_load_config_without_file(home: NodeHome) -> None:
     # The database path is resolved against the home, like every file the config names.
-    db = str(home.db_path)
-    assert home.load_config({}) == NodeConfig(database=db)
+    db, blobs = str(home.db_path), str(home.blobs_path)
+    assert home.load_config({}) == NodeConfig(database=db, blob_dir=blobs)
     assert home.load_config({"CELLMESH_NAME": "env"}, {"max_sessions": 5}) == NodeConfig(
-        name="env", max_sessions=5, database=db
+        name="env", max_sessions=5, database=db, blob_dir=blobs
     )
+
+
+def test_blob_dir_is_relative_to_the_home(home: NodeHome, tmp_path: Path) -> None:
+    assert home.load_config({}, {"blob_dir": "store"}).blob_dir == str(home.path / "store")
+    assert home.load_config({}, {"blob_dir": str(tmp_path)}).blob_dir == str(tmp_path)
+    assert home.load_config({}, {"blob_dir": ""}).blob_dir == ""
 
 
 def test_database_path_is_relative_to_the_home(home: NodeHome, tmp_path: Path) -> None:
@@ -258,7 +264,9 @@ def test_config_unreadable(home: NodeHome) -> None:
 
 def test_write_default_config(home: NodeHome) -> None:
     assert home.write_default_config()
-    assert home.load_config({}) == NodeConfig(database=str(home.db_path))
+    assert home.load_config({}) == NodeConfig(
+        database=str(home.db_path), blob_dir=str(home.blobs_path)
+    )
     assert not home.write_default_config()
 
 
