@@ -34,7 +34,7 @@ import tempfile
 import time
 from pathlib import Path
 
-from _common import LOOPBACK, Metric, Result, Target, parse_args, print_header, report
+from _common import LOOPBACK, Metric, Result, Target, bench_main, print_header, report
 from bench_bulk import TLS_NAME, self_signed_pem, tls_client_context, tls_server_context
 from cellmesh.config import NodeConfig
 from cellmesh.identity.keys import Identity
@@ -253,12 +253,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main() -> int:
-    args = parse_args(__doc__ or BENCH, options)
-    try:
-        return run(args)
-    except RuntimeError as exc:
-        print(f"\n{BENCH}: FAILED: {exc}", file=sys.stderr)
-        return 1
+    return bench_main(BENCH, __doc__, options, run)
 
 
 if __name__ == "__main__":

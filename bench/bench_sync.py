@@ -31,7 +31,7 @@ import time
 
 import blake3
 
-from _common import Metric, Result, Target, parse_args, print_header, report
+from _common import Metric, Result, Target, bench_main, print_header, report
 from cellmesh.state.sync import MemorySyncStore, SyncRole, SyncSession, SyncSettings
 from cellmesh.state.sync_messages import pull_varint, push_varint
 
@@ -217,12 +217,7 @@ def run(args: argparse.Namespace) -> int:
 
 
 def main() -> int:
-    args = parse_args(__doc__ or BENCH, options)
-    try:
-        return run(args)
-    except RuntimeError as exc:
-        print(f"\n{BENCH}: FAILED: {exc}", file=sys.stderr)
-        return 1
+    return bench_main(BENCH, __doc__, options, run)
 
 
 if __name__ == "__main__":

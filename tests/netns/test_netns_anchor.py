@@ -24,9 +24,7 @@ from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
-import pytest
-
-from cellmesh.testing.netns import Host, NetnsUnavailable, Topology, require_netns
+from cellmesh.testing.netns import Host, Topology
 
 CLI = [sys.executable, "-m", "cellmesh"]
 KEY = "5a" * 32
@@ -53,16 +51,6 @@ with open(sys.argv[1], "wb", buffering=0) as f:
             continue
         f.write(struct.pack(">I", len(frame)) + frame)
 """
-
-
-@pytest.fixture
-def topology() -> Iterator[Topology]:
-    try:
-        require_netns()
-    except NetnsUnavailable as exc:
-        pytest.fail(f"cannot run namespace tests: {exc}")
-    with Topology() as topo:
-        yield topo
 
 
 def _anchor_all(hosts: list[Host], homes: list[Path], alive: list[int]) -> dict[int, Any]:

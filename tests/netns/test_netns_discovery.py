@@ -12,26 +12,14 @@ import signal
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-
-from cellmesh.testing.netns import Host, NetnsUnavailable, Topology, require_netns
+from cellmesh.testing.netns import Host, Topology
 
 CLI = [sys.executable, "-m", "cellmesh"]
 KEY = "11" * 32
 WRONG_KEY = "22" * 32
-
-
-@pytest.fixture
-def topology() -> Iterator[Topology]:
-    try:
-        require_netns()
-    except NetnsUnavailable as exc:
-        pytest.fail(f"cannot run namespace tests: {exc}")
-    with Topology() as topo:
-        yield topo
 
 
 def _peers(host: Host, home: Path) -> list[dict[str, object]]:

@@ -16,25 +16,12 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
-from cellmesh.testing.netns import Host, NetnsUnavailable, Topology, require_netns
+from cellmesh.testing.netns import Host, Topology
 
 CLI = [sys.executable, "-m", "cellmesh"]
 PORT = 19541
-
-
-@pytest.fixture
-def topology() -> Iterator[Topology]:
-    try:
-        require_netns()
-    except NetnsUnavailable as exc:
-        pytest.fail(f"cannot run namespace tests: {exc}")
-    with Topology() as topo:
-        yield topo
 
 
 def _identity(home: Path) -> str:

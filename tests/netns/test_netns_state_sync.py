@@ -15,12 +15,10 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 
-import pytest
-
-from cellmesh.testing.netns import Host, NetnsUnavailable, Topology, require_netns
+from cellmesh.testing.netns import Host, Topology
 
 CLI = [sys.executable, "-m", "cellmesh"]
 PORT = 19541
@@ -34,16 +32,6 @@ idle_timeout = 3.0
 sync_interval = 1.0
 {extra}
 """
-
-
-@pytest.fixture
-def topology() -> Iterator[Topology]:
-    try:
-        require_netns()
-    except NetnsUnavailable as exc:
-        pytest.fail(f"cannot run namespace tests: {exc}")
-    with Topology() as topo:
-        yield topo
 
 
 def _cli(host: Host, home: Path, *args: str) -> subprocess.CompletedProcess[str]:

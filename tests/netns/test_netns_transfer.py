@@ -7,24 +7,11 @@ import json
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
 
-import pytest
-
-from cellmesh.testing.netns import NetnsUnavailable, Topology, require_netns
+from cellmesh.testing.netns import Topology
 
 CLI = [sys.executable, "-m", "cellmesh"]
-
-
-@pytest.fixture
-def topology() -> Iterator[Topology]:
-    try:
-        require_netns()
-    except NetnsUnavailable as exc:
-        pytest.fail(f"cannot run namespace tests: {exc}")
-    with Topology() as topo:
-        yield topo
 
 
 def test_three_hosts_ping_by_cell_id_over_link_local(tmp_path: Path, topology: Topology) -> None:

@@ -17,17 +17,12 @@ from typing import Any
 
 import click
 from rich.progress import (
-    BarColumn,
-    DownloadColumn,
     Progress,
     TaskID,
-    TextColumn,
-    TimeRemainingColumn,
-    TransferSpeedColumn,
 )
 
 from cellmesh.cli.channel_cmds import EXIT_DENIED, _call, _chain_hex, _ctx
-from cellmesh.cli.transfer_cmds import err, fail, run
+from cellmesh.cli.transfer_cmds import byte_progress, err, fail, run
 from cellmesh.errors import AccessDeniedError, CellmeshError, ControlError
 from cellmesh.identity.cellid import format_cell_id, parse_cell_id
 from cellmesh.node.blob_store import FileChunkStore
@@ -361,15 +356,7 @@ class _FetchProgress:
 
     def __enter__(self) -> _FetchProgress:
         if err.is_terminal:
-            self._bar = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                DownloadColumn(),
-                TransferSpeedColumn(),
-                TimeRemainingColumn(),
-                console=err,
-                transient=True,
-            )
+            self._bar = byte_progress()
             self._bar.start()
             self._task = self._bar.add_task(f"fetching {self._name}", total=None)
         return self

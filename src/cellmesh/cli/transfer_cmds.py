@@ -271,6 +271,19 @@ def _receive_to_file(
 # --------------------------------------------------------------------------- cp
 
 
+def byte_progress() -> Progress:
+    """The progress bar of byte transfers on a terminal (stderr, removed when done)."""
+    return Progress(
+        TextColumn("{task.description}"),
+        BarColumn(),
+        DownloadColumn(),
+        TransferSpeedColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        transient=True,
+    )
+
+
 class _CpProgress:
     """Shows `cp` progress: a rich bar on a terminal, a plain line a second otherwise."""
 
@@ -285,15 +298,7 @@ class _CpProgress:
 
     def __enter__(self) -> _CpProgress:
         if self.tty:
-            self._progress = Progress(
-                TextColumn("{task.description}"),
-                BarColumn(),
-                DownloadColumn(),
-                TransferSpeedColumn(),
-                TimeRemainingColumn(),
-                console=err,
-                transient=True,
-            )
+            self._progress = byte_progress()
             self._progress.start()
         return self
 

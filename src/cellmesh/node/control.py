@@ -546,16 +546,7 @@ class ControlClient:
         if name is not None:
             args["name"] = name
         await self._request("cp", **args)
-        while True:
-            reply = await self._read_reply()
-            if "ok" not in reply:
-                if on_progress is not None:
-                    on_progress(reply)
-                continue
-            if reply["ok"]:
-                result: dict[str, Any] = reply["result"]
-                return result
-            raise self._failed(reply)
+        return await self._result_after_progress(on_progress)
 
     async def blob_fetch(
         self,
@@ -574,6 +565,12 @@ class ControlClient:
         if timeout is not None:
             args["timeout"] = timeout
         await self._request("blob_fetch", **args)
+        return await self._result_after_progress(on_progress)
+
+    async def _result_after_progress(
+        self, on_progress: Callable[[dict[str, Any]], None] | None
+    ) -> dict[str, Any]:
+        """Read progress lines (passed to `on_progress`) until the final answer of a long op."""
         while True:
             reply = await self._read_reply()
             if "ok" not in reply:
