@@ -14,6 +14,8 @@ from pathlib import Path
 
 import pytest
 
+from cellmesh.testing.netns import NetnsUnavailable, Topology, require_netns
+
 CLI = [sys.executable, "-m", "cellmesh"]
 
 
@@ -129,3 +131,16 @@ class CliRunner:
     identity = staticmethod(new_identity)
     free_port = staticmethod(free_udp_port)
     wait_for_peer = staticmethod(wait_for_peer)
+
+
+@pytest.fixture
+def topology() -> Iterator[Topology]:
+    """A fresh set of network namespaces (tests/netns), torn down after the test. Those tests
+    need root, iproute2 and nftables (make test installs them); without them they fail with
+    the reason, never skip."""
+    try:
+        require_netns()
+    except NetnsUnavailable as exc:
+        pytest.fail(f"cannot run namespace tests: {exc}")
+    with Topology() as topo:
+        yield topo

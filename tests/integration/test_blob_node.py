@@ -2,7 +2,9 @@
 
 A node fetches a blob from three peers at once while one of them serves corrupt chunks; an
 unknown blob fails naming every peer; a node with serve_blobs off refuses; garbage, oversized
-and truncated frames on a raw blob stream are dropped and counted and the node keeps serving.
+and truncated frames on a raw blob stream are dropped and counted and the node keeps serving; a
+fetcher that asks but never reads loses its stream and its serve slot; stopping a node cancels
+its fetches, never the tasks that called them.
 """
 
 from __future__ import annotations
@@ -12,16 +14,22 @@ import os
 import struct
 from collections.abc import AsyncIterator
 from contextlib import AsyncExitStack, asynccontextmanager
+from dataclasses import replace
 from pathlib import Path
 
 import blake3
 import pytest
 
-from cellmesh.config import NodeConfig
+from cellmesh.config import MIN_WINDOW, NodeConfig
 from cellmesh.identity.cellid import format_cell_id
 from cellmesh.identity.keys import Identity
 from cellmesh.node.blob_service import (
     BLOB_KIND,
+    MAX_FRAME,
+    MAX_SERVE_STREAMS_PER_PEER,
+    RESET_BLOB_ABANDONED,
+    RESET_BLOB_BUSY,
+    SERVE_WRITE_TIMEOUT,
     BlobFetchError,
     BlobService,
     encode_frame,
@@ -30,6 +38,7 @@ from cellmesh.node.blob_store import FileChunkStore
 from cellmesh.node.node import Node
 from cellmesh.node.streams import Stream, StreamError
 from cellmesh.state.blob_manifest import push_manifest
+from cellmesh.state.blob_messages import MAX_IDS_PER_MESSAGE, BlockWant, push_block_message
 from cellmesh.state.chunking import ChunkerParams
 
 LOCAL = ("127.0.0.1:0",)
@@ -62,12 +71,17 @@ def _payload(n: int) -> bytes:
 
 
 @asynccontextmanager
-async def _nodes(tmp: Path, count: int, serve_blobs: bool = True) -> AsyncIterator[list[Node]]:
+async def _nodes(
+    tmp: Path, count: int, serve_blobs: bool = True, small_windows: bool = False
+) -> AsyncIterator[list[Node]]:
     async with AsyncExitStack() as stack:
         nodes = []
         for i in range(count):
             blob_dir = str(tmp / f"blobs{i}")
             conf = NodeConfig(listen=LOCAL, blob_dir=blob_dir, serve_blobs=serve_blobs)
+            if small_windows:
+                # A reader that stops reading stalls the writer after ~128 KB, not ~8 MB.
+                conf = replace(conf, stream_window=MIN_WINDOW, send_buffer=MIN_WINDOW)
             nodes.append(await stack.enter_async_context(Node(Identity.generate(), conf)))
         yield nodes
 
@@ -284,5 +298,162 @@ def test_a_server_sending_bad_frames_is_banned_and_the_fetch_completes_elsewhere
             assert "frame length 1000000000" in by_cell[evil.cell_id].detail
             assert by_cell[good.cell_id].status == "served"
             assert me.blobs.counters["dropped_oversize"] == 1
+
+    asyncio.run(main())
+
+
+def _wants(ids: list[bytes], first_request: int = 1) -> bytes:
+    """BLOCK_WANT frames asking for `ids` (as many messages as the id limit needs)."""
+    out = bytearray()
+    for n, i in enumerate(range(0, len(ids), MAX_IDS_PER_MESSAGE)):
+        want = BlockWant(first_request + n, MAX_FRAME, tuple(ids[i : i + MAX_IDS_PER_MESSAGE]))
+        out += encode_frame(push_block_message(want))
+    return bytes(out)
+
+
+async def _reset_code(stream: Stream) -> int | None:
+    """Read until the stream ends, within a bound: the peer's reset code (None: a clean end)."""
+    async with asyncio.timeout(10):
+        try:
+            while await stream.read():
+                pass
+        except StreamError as exc:
+            return exc.code
+    return None
+
+
+async def _wait_active(service: BlobService, count: int) -> None:
+    async with asyncio.timeout(10):
+        while service.statistics()["active_streams"] != count:  # noqa: ASYNC110 - plain counts
+            await asyncio.sleep(0.02)
+
+
+def test_a_fetcher_that_never_reads_loses_its_stream_and_its_slot(tmp_path: Path) -> None:
+    src = tmp_path / "data.bin"
+    src.write_bytes(_payload(400_000))
+
+    async def main() -> None:
+        async with (
+            _nodes(tmp_path, 2, small_windows=True) as (server, client),
+            _nodes(tmp_path / "r", 1, serve_blobs=False, small_windows=True) as (refusing,),
+        ):
+            manifest = _store(server).put_file(src, PARAMS)
+            ids = list(manifest.unique_chunks())
+            for n in (server, refusing):
+                await client.connect(_addr(n))
+            svc = server.blobs
+            # Lowered so the test is fast; a stalled write is what it bounds, whatever its length.
+            svc.serve_write_timeout = 0.3
+            refusing.blobs.serve_write_timeout = 0.3
+
+            # One identity holds at most MAX_SERVE_STREAMS_PER_PEER streams: the next is refused.
+            hostile = [
+                await client.services.open(server.cell_id, BLOB_KIND)
+                for _ in range(MAX_SERVE_STREAMS_PER_PEER)
+            ]
+            await _wait_active(svc, MAX_SERVE_STREAMS_PER_PEER)
+            extra = await client.services.open(server.cell_id, BLOB_KIND)
+            assert await _reset_code(extra) == RESET_BLOB_BUSY
+            assert svc.counters["refused_busy"] == 1
+
+            # Each asks for every block (~400 KB of answers) and never reads: the answers fill
+            # the flow-control window and our send buffer, and the stalled write costs the stream.
+            for st in hostile:
+                await st.write(_wants(ids))
+            await _wait_counter(svc, "write_stalled", MAX_SERVE_STREAMS_PER_PEER)
+            for st in hostile:
+                assert await _reset_code(st) == RESET_BLOB_ABANDONED
+            await _wait_active(svc, 0)
+
+            # serve_blobs = false: NACK REFUSED echoes the ids asked, so enough WANTs fill the
+            # window with refusals just as well.
+            unknown = [blake3.blake3(i.to_bytes(4, "big")).digest() for i in range(64 * 100)]
+            st = await client.services.open(refusing.cell_id, BLOB_KIND)
+            flood = asyncio.create_task(st.write(_wants(unknown)))  # may wait: nobody reads
+            await _wait_counter(refusing.blobs, "write_stalled")
+            assert await _reset_code(st) == RESET_BLOB_ABANDONED
+            await asyncio.gather(flood, return_exceptions=True)
+            await _wait_active(refusing.blobs, 0)
+
+            # The slots are free: an honest fetch from the same identity completes.
+            svc.serve_write_timeout = SERVE_WRITE_TIMEOUT
+            result = await asyncio.wait_for(
+                client.blobs.fetch(manifest.blob_id, [server.cell_id], output=tmp_path / "o"), 20
+            )
+            assert (tmp_path / "o").read_bytes() == src.read_bytes()
+            assert result.banned == []
+            assert svc.counters["write_stalled"] == MAX_SERVE_STREAMS_PER_PEER
+
+    asyncio.run(main())
+
+
+def test_stop_cancels_the_fetch_not_the_task_that_called_it(tmp_path: Path) -> None:
+    async def main() -> None:
+        async with _nodes(tmp_path, 1) as (mute,):
+            opened = asyncio.Event()
+            endings: list[str] = []
+
+            async def silent(stream: Stream, header: dict[str, object]) -> None:
+                # Takes the stream and answers nothing: the fetch waits until it is cancelled.
+                opened.set()
+                try:
+                    await stream.read_all()
+                    endings.append("eof")
+                except StreamError:
+                    endings.append("reset")
+
+            mute.services.register(BLOB_KIND, silent)  # replaces the honest handler
+            blob_id = blake3.blake3(b"never answered").digest()
+            me = Node(Identity.generate(), NodeConfig(listen=LOCAL, blob_dir=str(tmp_path / "m")))
+            async with me:
+                await me.connect(_addr(mute))
+
+                # Cancelling the caller cancels its fetch, whose stream is reset, not left open.
+                caller = asyncio.create_task(me.blobs.fetch(blob_id, [mute.cell_id]))
+                async with asyncio.timeout(10):
+                    await opened.wait()
+                assert me.blobs.statistics()["active_fetches"] == 1
+                caller.cancel()
+                await asyncio.gather(caller, return_exceptions=True)
+                assert caller.cancelled()
+                assert me.blobs.statistics()["active_fetches"] == 0
+                async with asyncio.timeout(10):
+                    while not endings:  # noqa: ASYNC110 - a plain list, no event to await
+                        await asyncio.sleep(0.02)
+                assert endings == ["reset"]
+
+                # Stopping the node cancels the fetch only: its caller gets an error and goes
+                # on with its own work, which stop neither cancels nor waits for.
+                opened.clear()
+                resume = asyncio.Event()
+                outcome: list[str] = []
+
+                async def fetch_then_more() -> None:
+                    try:
+                        await me.blobs.fetch(blob_id, [mute.cell_id])
+                        outcome.append("fetched")
+                    except BlobFetchError as exc:
+                        outcome.append(str(exc))
+                    await resume.wait()
+                    outcome.append("went on")
+
+                task = asyncio.create_task(fetch_then_more())
+                async with asyncio.timeout(10):
+                    await opened.wait()
+                    await me.stop()
+                assert len(outcome) == 1
+                assert "stopping" in outcome[0]
+                assert not task.done()
+                assert me.blobs.statistics()["active_fetches"] == 0
+                async with asyncio.timeout(10):
+                    while len(endings) < 2:  # noqa: ASYNC110 - a plain list, no event to await
+                        await asyncio.sleep(0.02)
+                assert endings == ["reset", "reset"]
+                resume.set()
+                async with asyncio.timeout(10):
+                    await task
+                assert outcome[1:] == ["went on"]
+                with pytest.raises(BlobFetchError, match="stopping"):
+                    await me.blobs.fetch(blob_id, [mute.cell_id])
 
     asyncio.run(main())

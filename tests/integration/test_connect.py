@@ -100,6 +100,8 @@ def test_embedded_node_when_no_daemon_runs(tmp_path: Path, cli: type[CliRunner])
             async with ControlClient(home / "control.sock") as client:
                 r = await client.call("log", channel=CHANNEL)
             assert [e["id"] for e in r["events"]] == ids
+            await _close_ends_a_pending_wait(node)
+            ids = [e.id for e in await node.log(CHANNEL)]
             # A subscription still waiting when the block ends finishes instead of hanging.
             waiting = asyncio.create_task(_drain(node))
             await asyncio.sleep(0.1)
@@ -117,6 +119,21 @@ def test_embedded_node_when_no_daemon_runs(tmp_path: Path, cli: type[CliRunner])
     assert asyncio.run(again()) == ids
 
 
+async def _close_ends_a_pending_wait(node: StateConnection) -> None:
+    """`Subscription.close()` from another task ends a pending `__anext__`, and an event
+    published after the close is never returned by the closed subscription."""
+    sub = await node.subscribe(CHANNEL).start()
+    waiter = asyncio.ensure_future(anext(sub))
+    await asyncio.sleep(0.1)  # let it reach the node's wait for the next event
+    assert not waiter.done()
+    await sub.close()
+    await node.publish(CHANNEL, "after close")
+    with pytest.raises(StopAsyncIteration):
+        await asyncio.wait_for(waiter, 5.0)
+    with pytest.raises(StopAsyncIteration):
+        await anext(sub)
+
+
 async def _drain(node: StateConnection) -> list[StateEvent]:
     return [ev async for ev in node.subscribe(CHANNEL)]
 
@@ -132,6 +149,8 @@ def test_daemon_is_used_when_it_runs(
             assert node.mode == "daemon"
             assert node.node is None
             ids = await _exercise(node, cell)
+            await _close_ends_a_pending_wait(node)
+            ids = [e.id for e in await node.log(CHANNEL)]
             waiting = asyncio.create_task(_drain(node))
             await asyncio.sleep(0.1)
         assert await asyncio.wait_for(waiting, 5.0) == []

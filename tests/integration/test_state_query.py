@@ -262,3 +262,126 @@ def test_garbage_requests_and_answers_are_refused_or_dropped(
                 await m.state.folds.query(CH, "counter", key="x")
 
     asyncio.run(main())
+
+
+def _hostile(data: bytes) -> Callable[[Stream, dict[str, Any]], Awaitable[None]]:
+    """A query handler answering `data` whatever it is asked."""
+
+    async def serve(stream: Stream, header: dict[str, Any]) -> None:
+        await stream.read_all(0)
+        await stream.write(data)
+        await stream.close()
+
+    return serve
+
+
+def _line(**fields: Any) -> bytes:
+    return json.dumps({"ok": True, "version": "1", "truncated": False, **fields}).encode() + b"\n"
+
+
+def test_a_hostile_answer_costs_that_answer_never_the_query(tmp_path: Path) -> None:
+    async def main() -> None:
+        h, m = _node(tmp_path, "h", host=True), _node(tmp_path, "m")
+        async with h, m:
+            await m.connect(_addr(h))
+            await m.channels.subscribe(h.cell_id, CH)
+            m.state.publish(CH, _js({"add": ["mine"]}))
+            h_id = format_cell_id(h.cell_id)
+
+            # A set element key that is no JSON text: LwwSet.view would fail parsing it back.
+            h.services.register(
+                state_folds.QUERY_KIND,
+                _hostile(
+                    _line(
+                        fold="set",
+                        kind="lww_set",
+                        position=1,
+                        events=1,
+                        state={"elements": {"{not json": [9, "ff", 1]}},
+                    )
+                ),
+            )
+            r = await m.state.folds.query(CH, "set", timeout=5.0)
+            assert r.refused == {h_id: "bad_answer"}
+            assert (r.answered, r.replicas, r.value) == ([], 1, ["mine"])
+
+            # A user fold's answer is opaque (no structure to validate) and the most complete,
+            # so it would be chosen: a state that is no object cannot give a key's value.
+            tally = FunctionFold("tally", dict, lambda state, _stored: state)
+            m.state.folds.register(CH, tally)
+            h.services.register(
+                state_folds.QUERY_KIND,
+                _hostile(_line(fold="tally", kind="opaque", position=9, events=99, state=[1, 2])),
+            )
+            r = await m.state.folds.query(CH, "tally", key="k", timeout=5.0)
+            assert r.refused == {h_id: "bad_answer"}
+            assert (r.answered, r.replicas, r.value, r.chosen) == ([], 1, None, "local")
+
+    asyncio.run(main())
+
+
+def test_unentitled_and_malformed_requests_are_refused_before_the_request_ends(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    # Short, so that before the fix such a request was dropped (a reset, not a refusal) fast.
+    monkeypatch.setattr(state_folds, "REQUEST_TIMEOUT", 0.3)
+
+    async def main() -> None:
+        h, m = _node(tmp_path, "h", host=True), _node(tmp_path, "m")
+        async with h, m:
+            await m.connect(_addr(h))
+            await m.channels.subscribe(h.cell_id, CH)
+            folds = h.state.folds
+            for head, why in (
+                (_head(channel="app/other", fold="lww"), "not_entitled"),
+                (_head(channel=CH, fold=7), "malformed"),
+            ):
+                # The asker never finishes its half: the answer comes from the header alone.
+                got = decode_answer(await _raw(m, h, head, finish=False))
+                assert isinstance(got, Refusal)
+                assert got.reason == why
+            assert folds.counters["refused_not_entitled"] == 1
+            assert folds.counters["refused_malformed"] == 1
+            assert folds.counters["dropped_incomplete"] == 0
+            # An entitled request still waits for its end (and is dropped if it never comes).
+            with pytest.raises(CellmeshError):
+                await _raw(m, h, _head(channel=CH, fold="lww"), finish=False)
+            assert folds.counters["dropped_incomplete"] == 1
+
+    asyncio.run(main())
+
+
+def test_closing_the_state_layer_stops_serving_queries(tmp_path: Path) -> None:
+    async def main() -> None:
+        h, m = _node(tmp_path, "h", host=True), _node(tmp_path, "m")
+        async with h, m:
+            await m.connect(_addr(h))
+            await m.channels.subscribe(h.cell_id, CH)
+            h.state.publish(CH, b"3")
+            folds = h.state.folds
+
+            # A request in flight: its handler waits for the end of the request...
+            pending = await m.open_stream(h.cell_id)
+            await pending.write(_head(channel=CH, fold="counter"))
+            await _until(lambda: h.services.counters.get("served_query", 0) == 1, "the handler")
+            # ...while the state layer closes (as in Node.stop, before the sessions end).
+            h.state.close()
+            await pending.close()
+            async with asyncio.timeout(5):
+                got = decode_answer(await pending.read_all(MAX_ANSWER + 64))
+            assert isinstance(got, Refusal)
+            assert got.reason == "unavailable"
+            assert folds.counters["served"] == 0
+
+            # A new query stream no longer reaches the query service: the node hands it to the
+            # application like any stream of a kind nobody serves.
+            st = await m.open_stream(h.cell_id)
+            await st.write(_head(channel=CH, fold="counter"))
+            await st.close()
+            async with asyncio.timeout(5):
+                handed = await h.accept_stream()
+            assert isinstance(handed, Stream)
+            assert h.services.counters.get("served_query", 0) == 1
+            assert folds.counters["refused_unavailable"] == 1
+
+    asyncio.run(main())

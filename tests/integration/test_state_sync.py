@@ -10,6 +10,7 @@ from pathlib import Path
 import pytest
 
 from cellmesh.config import NodeConfig
+from cellmesh.errors import RemoteProtocolError
 from cellmesh.identity.keys import Identity
 from cellmesh.node.node import Node
 from cellmesh.node.services import header_line
@@ -195,5 +196,109 @@ def test_periodic_sync_heals_a_missed_live_event(tmp_path: Path) -> None:
             host.state.sync.forget_index(CHANNEL)
             await _until(lambda: len(sub.state.log(CHANNEL)) == 1, timeout=15)
             assert sub.state.log(CHANNEL)[0].event.payload == b"quiet"
+
+    asyncio.run(go())
+
+
+# Two channel names with one 32-bit channel hash (found by a birthday search).
+OPEN_NAME, SECRET_NAME = "chat/a109094", "secret/b12049"
+
+
+def test_a_grant_on_a_colliding_channel_name_opens_nothing(tmp_path: Path) -> None:
+    from cellmesh.filter.channels import channel_hash
+
+    assert channel_hash(OPEN_NAME) == channel_hash(SECRET_NAME)
+
+    async def go() -> None:
+        async with (
+            Node(
+                Identity.generate(), _cfg(tmp_path, "host.db", "chat/** open", "secret/** token")
+            ) as host,
+            Node(Identity.generate(), _cfg(tmp_path, "evil.db")) as evil,
+        ):
+            host.state.publish(SECRET_NAME, b"top secret")
+            await evil.connect(_addr(host))
+            await evil.channels.subscribe(host.cell_id, OPEN_NAME)
+            await evil.channels.request_publish(host.cell_id, OPEN_NAME)
+            # Reading the protected channel through the open one's grant: refused.
+            with pytest.raises(SyncRefused, match="not_subscribed"):
+                await evil.state.sync.sync_with(host.cell_id, SECRET_NAME)
+            assert evil.state.log(SECRET_NAME) == []
+            # Writing into it the same way: its events never reach the host's log.
+            forged = evil.state.publish(SECRET_NAME, b"forged")
+            with pytest.raises(SyncRefused):
+                await evil.state.sync.sync_with(host.cell_id, SECRET_NAME)
+            assert forged not in {s.id for s in host.state.log(SECRET_NAME)}
+
+    asyncio.run(go())
+
+
+def test_a_silent_peer_cannot_hold_a_sync_slot(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from cellmesh.node import state_sync
+
+    monkeypatch.setattr(state_sync, "ANSWER_TIMEOUT", 0.5)
+
+    async def go() -> None:
+        async with (
+            Node(Identity.generate(), NodeConfig(listen=LOCAL, database="")) as mute,
+            Node(Identity.generate(), _cfg(tmp_path, "a.db")) as asker,
+        ):
+            # `mute` has no state layer: nobody answers its sync streams.
+            await asker.connect(_addr(mute))
+            with pytest.raises(RemoteProtocolError, match="no answer"):
+                await asker.state.sync.sync_with(mute.cell_id, CHANNEL, timeout=10)
+            assert asker.state.sync.status()["running"] == []
+            assert asker.state.sync.request(mute.cell_id, CHANNEL, force=True)
+
+    asyncio.run(go())
+
+
+def test_one_peer_gets_at_most_two_sessions_and_one_per_channel(tmp_path: Path) -> None:
+    async def go() -> None:
+        async with (
+            Node(Identity.generate(), _cfg(tmp_path, "host.db", "chat/** open")) as host,
+            Node(Identity.generate(), _cfg(tmp_path, "greedy.db")) as greedy,
+        ):
+            await greedy.connect(_addr(host))
+            names = [f"chat/room-{i}" for i in range(3)]
+            for name in names:
+                await greedy.channels.subscribe(host.cell_id, name)
+            await _until(lambda: not greedy.state.sync.status()["running"])
+
+            async def open_session(name: str) -> bytes:
+                st = await greedy.open_stream(host.cell_id)
+                await st.write(header_line(SYNC_KIND, channel=name))
+                line = b""
+                while not line.endswith(b"\n"):
+                    line += await st.read(1)
+                return line
+
+            # Sessions that never send their first message hold their slot (until timeouts).
+            assert await open_session(names[0]) == b"ok\n"
+            assert (await open_session(names[0])).startswith(b"busy: a sync of")
+            assert await open_session(names[1]) == b"ok\n"
+            assert (await open_session(names[2])).startswith(b"busy: 2 sync sessions")
+            assert host.state.sync.counters["refused_busy"] == 2
+
+    asyncio.run(go())
+
+
+def test_leaving_while_a_grant_renewal_runs_stays_left(tmp_path: Path) -> None:
+    async def go() -> None:
+        async with (
+            Node(Identity.generate(), _cfg(tmp_path, "host.db", "chat/** open")) as host,
+            Node(Identity.generate(), _cfg(tmp_path, "sub.db")) as sub,
+        ):
+            await sub.connect(_addr(host))
+            await sub.channels.subscribe(host.cell_id, CHANNEL)
+            sub.channels._renew(host.cell_id)  # what a reconnection starts
+            sub.channels._renew(host.cell_id)  # a second one while the first runs: no-op
+            assert len(sub.channels._renewing) == 1
+            sub.channels.unsubscribe(host.cell_id, CHANNEL)  # the application leaves meanwhile
+            await asyncio.wait_for(asyncio.gather(*sub.channels._renewing), 10)
+            assert (host.cell_id, CHANNEL) not in set(sub.channels.service.subscriptions())
+            await _until(lambda: not any(True for _ in host.channels.service.subscribers()))
 
     asyncio.run(go())

@@ -12,7 +12,7 @@ import pytest
 from cellmesh.config import NodeConfig
 from cellmesh.identity.keys import Identity
 from cellmesh.node.node import Node
-from cellmesh.node.services import RESET_SERVICE_ERROR, header_line
+from cellmesh.node.services import MAX_ROUTING_PER_PEER, RESET_SERVICE_ERROR, header_line
 from cellmesh.node.streams import Stream, StreamError
 
 LOCAL = ("127.0.0.1:0",)
@@ -100,6 +100,65 @@ def test_a_failing_handler_resets_its_stream_and_the_node_keeps_serving() -> Non
             st = await a.services.open(b.cell_id, "svc")
             await st.close()
             assert await _read_all(st) == b"fine"
+        finally:
+            await a.stop()
+            await b.stop()
+
+    asyncio.run(go())
+
+
+def test_one_peer_cannot_take_every_routing_slot() -> None:
+    async def go() -> None:
+        a, b = await _pair()
+        c = Node(Identity.generate(), NodeConfig(listen=LOCAL))
+        await c.start()
+        try:
+            await c.connect(_addr(b))
+
+            async def echo(st: Stream, header: dict[str, Any]) -> None:
+                await st.write(await st.read_all())
+                await st.close()
+
+            b.services.register("echo", echo)
+            # `a` opens streams that never finish their header: they wait in routing.
+            held = []
+            for _ in range(MAX_ROUTING_PER_PEER + 4):
+                st = await a.open_stream(b.cell_id)
+                await st.write(b"{")
+                held.append(st)
+            async with asyncio.timeout(10):
+                while b.services.counters.get("refused_routing", 0) < 4:  # noqa: ASYNC110
+                    await asyncio.sleep(0.01)
+            assert b.services.counters["refused_routing"] == 4
+            # Another peer is served meanwhile.
+            st = await c.services.open(b.cell_id, "echo")
+            await st.write(b"hi")
+            await st.close()
+            assert await _read_all(st) == b"hi"
+        finally:
+            await c.stop()
+            await a.stop()
+            await b.stop()
+
+    asyncio.run(go())
+
+
+def test_no_service_task_outlives_the_node() -> None:
+    async def go() -> None:
+        a, b = await _pair()
+        started = asyncio.Event()
+
+        async def forever(st: Stream, header: dict[str, Any]) -> None:
+            started.set()
+            await asyncio.sleep(3600)
+
+        b.services.register("slow", forever)
+        try:
+            await a.services.open(b.cell_id, "slow")
+            await asyncio.wait_for(started.wait(), 10)
+            await b.stop()
+            assert not b.services._tasks
+            assert not b.services.route(Stream(b, a.cell_id, 99))  # refused once stopping
         finally:
             await a.stop()
             await b.stop()

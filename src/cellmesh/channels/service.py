@@ -179,8 +179,10 @@ class ChannelService:
     def publish(self, name: str, data: bytes, now: float, reliable: bool = True) -> int:
         """Send `data` on channel `name` to every peer entitled to it; returns how many."""
         h = channel_hash(name)
-        targets = set(self._subscribers.get(h, {}))
-        targets.update(peer for (peer, ch) in self._may_publish if ch == h)
+        # Matched by name too: two names may share a 32-bit hash, and a subscriber of one must
+        # never receive the other's publications.
+        targets = {p for p, n in self._subscribers.get(h, {}).items() if n == name}
+        targets.update(p for (p, ch), n in self._may_publish.items() if ch == h and n == name)
         return self._send_to(targets, h, data, now, reliable)
 
     def _send_to(self, targets: set[bytes], h: int, data: bytes, now: float, reliable: bool) -> int:
@@ -202,7 +204,15 @@ class ChannelService:
         return sent
 
     def _request(self, peer: bytes, op: Op, name: str, chain: tuple[Token, ...], now: float) -> int:
-        channel_hash(name)  # validates, raising ValueError
+        h = channel_hash(name)  # validates, raising ValueError
+        held = (self._subscriptions if op == Op.SUBSCRIBE else self._may_publish).get((peer, h))
+        if held is not None and held != name:
+            # Relations are kept per (peer, hash): a second name with the same hash would be
+            # confused with the first one. Astronomically rare unless someone chose the names.
+            raise LocalProtocolError(
+                f"{name} has the same channel hash as {held}, which we already hold at this "
+                "peer; leave that one first"
+            )
         if len(chain) > MAX_CHAIN:
             raise LocalProtocolError(f"a token chain of {len(chain)} is longer than {MAX_CHAIN}")
         if len(self._pending) >= MAX_PENDING_REQUESTS:
@@ -305,7 +315,7 @@ class ChannelService:
     def forward(self, name: str, origin: bytes, data: bytes, now: float, reliable: bool) -> int:
         """Pass a publication we accepted on to our subscribers of `name`, except its origin."""
         h = channel_hash(name)
-        targets = {p for p in self._subscribers.get(h, {}) if p != origin}
+        targets = {p for p, n in self._subscribers.get(h, {}).items() if p != origin and n == name}
         if len(targets) > MAX_FORWARD_FANOUT:
             targets = set(sorted(targets)[:MAX_FORWARD_FANOUT])
         n = self._send_to(targets, h, data, now, reliable)
@@ -351,6 +361,15 @@ class ChannelService:
         except DecodeError as exc:
             self._reply(peer, Reply(req.request_id, False, 0, 0, "malformed", _clip(str(exc))), now)
             return
+        held = self._colliding_grant(peer, right, req.name, wall)
+        if held is not None:
+            # Grants are kept per (peer, right, hash): a second name with the hash of one the
+            # peer holds would take its place and be confused with it. Refuse it, keep the first.
+            detail = f"{req.name} has the channel hash of {held}, which you hold here"
+            self._reply(
+                peer, Reply(req.request_id, False, 0, 0, "hash_collision", _clip(detail)), now
+            )
+            return
         verdict = self.access.request(
             peer, req.name, right, chain, wall=wall, now=now, session_age=session_age, rate=rate
         )
@@ -385,6 +404,15 @@ class ChannelService:
         # A token may run to 2**64 - 1; with the skew added, clamp to what REPLY can carry.
         expires = min(int(verdict.expires), _U64_MAX) if verdict.expires is not None else 0
         self._reply(peer, Reply(req.request_id, True, h, expires, "ok", ""), now)
+
+    def _colliding_grant(self, peer: bytes, right: Right, name: str, wall: float) -> str | None:
+        """The name of another channel with `name`'s hash that `peer` holds `right` on."""
+        try:
+            h = channel_hash(name)
+        except ValueError:
+            return None  # the access controller refuses the name itself
+        g = self.access.grant(peer, right, h, wall)
+        return g.channel if g is not None and g.channel != name else None
 
     def _close_publish_gate(self, peer: bytes, name: str) -> None:
         """Stop admitting `peer`'s datagrams on `name` at ring 0 (unless we subscribed there)."""
@@ -550,9 +578,27 @@ class ChannelService:
             for peer, name in subs.items():
                 yield name, peer
 
-    def holds_subscription(self, peer: bytes, h: int) -> bool:
-        """True if we are subscribed at `peer` to the channel with hash `h`. O(1)."""
-        return (peer, h) in self._subscriptions
+    def subscribed_at(self, peer: bytes, name: str) -> bool:
+        """True if we are subscribed at `peer` to the channel `name` itself. O(1).
+
+        Compares the name, not only its 32-bit hash: two names with one hash are two channels,
+        and a grant on one must never open the other (a collision is a 2**32 search away).
+        """
+        try:
+            h = channel_hash(name)
+        except ValueError:
+            return False
+        return self._subscriptions.get((peer, h)) == name
+
+    def peer_granted(self, peer: bytes, right: Right, name: str, wall: float) -> bool:
+        """True if `peer` holds a live `right` grant on the channel `name` here (name-checked,
+        as `subscribed_at`). O(1)."""
+        try:
+            h = channel_hash(name)
+        except ValueError:
+            return False
+        grant = self.access.grant(peer, right, h, wall)
+        return grant is not None and grant.channel == name
 
     def subscriptions(self) -> list[tuple[bytes, str]]:
         """(host peer, channel) for every subscription we hold."""

@@ -18,18 +18,26 @@ Serving. Every incoming "blob" stream gets a `BlobServer` of its own over the no
 (its token bucket paces that stream at `SERVE_RATE`; `MAX_SERVE_STREAMS_PER_PEER` and
 `MAX_SERVE_STREAMS` bound how many run at once). Frames read are fed to it; what it returns is
 written back, so the stream's flow control is the back-pressure. The stream ends when the
-fetcher finishes its half (we finish ours), after `SERVE_IDLE_TIMEOUT` seconds without a frame,
-or on a bad frame. With config ``serve_blobs = false`` (or no blob store) every BLOCK_WANT is
-answered NACK REFUSED.
+fetcher finishes its half (we finish ours), on a bad frame, when one of our writes is not taken
+within `SERVE_WRITE_TIMEOUT` seconds (a fetcher that does not read what it asked for; counted
+``write_stalled``), or after `SERVE_IDLE_TIMEOUT` seconds without progress (counted
+``idle_closed``). Progress is a frame read while none of our writes waits, or a write of ours
+taken by the stream: frames read while the fetcher leaves our answers untaken do not keep its
+stream alive. With config ``serve_blobs = false`` (or no blob store) every BLOCK_WANT is
+answered NACK REFUSED, under the same rules.
 
-Fetching. `fetch` opens a stream to each peer at once and runs one `BlobFetcher` over all of
-them: it spreads blocks over the peers, verifies each block's BLAKE3, and bans a peer whose
+Fetching. `fetch` runs in a task of its own, tracked by the service: `stop` cancels it (the
+caller then gets `BlobFetchError`, its own task untouched), and cancelling the caller cancels
+it. It opens a stream to each peer at once and runs one `BlobFetcher` over all of them: it
+spreads blocks over the peers, verifies each block's BLAKE3, and bans a peer whose
 block does not hash to its id (or that breaks the protocol); that peer's stream is reset at
 once (nothing more from it is trusted in this fetch) and its blocks are fetched from the
 others. Verified blocks go straight into the store, so an interrupted fetch resumes where it
 stopped. When every block is in, the blob is read back once and its whole-file hash checked
 (written to a file atomically if asked). A fetch that cannot finish raises `BlobFetchError`
-naming what each peer did (not found, refused, timed out, banned, unreachable).
+naming what each peer did (not found, refused, timed out, banned, unreachable). However the
+fetch ends (even cancelled while its streams are still being opened), no stream outlives it:
+each is finished politely or reset.
 
 Store location: config ``blob_dir`` (the daemon resolves it against the home, default
 ``<home>/blobs``, the directory `cellmesh blob put` writes). A relative path without a home
@@ -52,6 +60,7 @@ from typing import TYPE_CHECKING, Any, Final
 from cellmesh.errors import CellmeshError, DecodeError, PeerUnreachableError
 from cellmesh.identity.cellid import format_cell_id, parse_cell_id
 from cellmesh.node.blob_store import FileChunkStore
+from cellmesh.node.services import header_line
 from cellmesh.node.streams import StreamError
 from cellmesh.state.blob_cache import ChunkMissingError, ChunkStore, IntegrityError
 from cellmesh.state.blob_manifest import Manifest, iter_blob
@@ -112,12 +121,17 @@ RESET_BLOB_PROTOCOL: Final = 0x211
 RESET_BLOB_BUSY: Final = 0x212
 """Reset code: too many blob streams are served already (for this peer or in all)."""
 RESET_BLOB_ABANDONED: Final = 0x213
-"""Reset code: the fetch ended and the peer did not finish its half in time."""
+"""Reset code: the fetch ended and the peer did not finish its half in time, or a served stream
+made no progress (idle, or the fetcher did not take our writes)."""
 
 MAX_SERVE_STREAMS: Final = 64
 MAX_SERVE_STREAMS_PER_PEER: Final = 4
 SERVE_IDLE_TIMEOUT: Final = 120.0
-"""A served stream with no frame from the fetcher for this long is closed."""
+"""A served stream without progress (see the module doc) for this long is reset."""
+SERVE_WRITE_TIMEOUT: Final = 60.0
+"""A served stream that does not take one of our writes within this long is reset. A write
+waits while the send buffer is full, until half of it drained (2 MB by default): a fetcher must
+read at least ~35 KB/s per stream to keep it, and one that does not read at all loses it."""
 OPEN_TIMEOUT: Final = 5.0
 """Seconds to connect to one peer and open its stream."""
 CLOSE_GRACE: Final = 2.0
@@ -134,6 +148,28 @@ class FrameError(CellmeshError):
     def __init__(self, message: str, reason: str) -> None:
         super().__init__(message)
         self.reason = reason
+
+
+class _WriteStalled(CellmeshError):
+    """A served stream did not take our write in time (its fetcher does not read)."""
+
+
+class _Progress:
+    """When a served stream last made progress, for the idle rule.
+
+    A frame read counts only while none of our writes waits: a fetcher that keeps sending (a
+    cheap frame now and then) but does not take our answers must not keep its slot."""
+
+    def __init__(self, now: float) -> None:
+        self.last = now
+        self.writing = 0
+
+    def frame_read(self, now: float) -> None:
+        if not self.writing:
+            self.last = now
+
+    def wrote(self, now: float) -> None:
+        self.last = now
 
 
 def encode_frame(message: bytes) -> bytes:
@@ -334,15 +370,19 @@ class BlobService:
         """Why there is no store (no blob_dir, or opening it failed)."""
         self.fetch_settings = FetchSettings()
         self.serve_settings = ServeSettings(rate=SERVE_RATE, burst=SERVE_BURST)
+        self.serve_write_timeout = SERVE_WRITE_TIMEOUT
+        self.serve_idle_timeout = SERVE_IDLE_TIMEOUT
         self.counters: dict[str, int] = {}
         self._serving: dict[bytes, int] = {}  # peer -> blob streams being served
-        self._fetches: set[asyncio.Task[Any]] = set()
+        self._fetches: set[asyncio.Task[BlobFetchResult]] = set()
+        self._stopping = False
 
     # ------------------------------------------------------------------ lifecycle
 
     def start(self) -> None:
         """Open the store (never fails the node: a broken directory means no store) and
         register the "blob" stream kind."""
+        self._stopping = False
         blob_dir = self._node.config.blob_dir
         if self.store is None:
             if not blob_dir:
@@ -364,11 +404,14 @@ class BlobService:
         self._node.services.register(BLOB_KIND, self._serve)
 
     async def stop(self) -> None:
-        """Stop serving; fetches in progress are cancelled."""
+        """Stop serving; fetches in progress are cancelled (their callers get
+        `BlobFetchError`; only the fetch tasks are cancelled and waited for)."""
+        self._stopping = True  # no fetch starts after this one's tasks are collected
         self._node.services.unregister(BLOB_KIND)
         tasks = list(self._fetches)
         for t in tasks:
             t.cancel()
+        # Each fetch resets its streams when cancelled (no grace wait): this returns promptly.
         await asyncio.gather(*tasks, return_exceptions=True)
 
     @property
@@ -386,6 +429,7 @@ class BlobService:
             "store": None if not isinstance(self.store, FileChunkStore) else str(self.store.root),
             "store_error": self.store_error,
             "active_streams": sum(self._serving.values()),
+            "active_fetches": len(self._fetches),
             "counters": dict(sorted(self.counters.items())),
         }
 
@@ -414,6 +458,11 @@ class BlobService:
             log.info("blob stream from %s dropped: %s", format_cell_id(peer), exc)
             with contextlib.suppress(CellmeshError):
                 stream.reset(RESET_BLOB_PROTOCOL)
+        except _WriteStalled as exc:
+            self._count("write_stalled")
+            log.info("blob stream from %s dropped: %s", format_cell_id(peer), exc)
+            with contextlib.suppress(CellmeshError):
+                stream.reset(RESET_BLOB_ABANDONED)
         except TimeoutError:
             self._count("idle_closed")
             with contextlib.suppress(CellmeshError):
@@ -427,8 +476,7 @@ class BlobService:
 
     async def _next_message(self, reader: _FrameReader) -> bytes | None:
         """The next frame, checked to decode as a block message (else `FrameError`)."""
-        async with asyncio.timeout(SERVE_IDLE_TIMEOUT):
-            data = await reader.read_frame()
+        data = await reader.read_frame()
         if data is None:
             return None
         try:
@@ -438,15 +486,39 @@ class BlobService:
         self._count("frames_in")
         return data
 
+    async def _write(self, stream: Stream, data: bytes, progress: _Progress) -> None:
+        """Write `data` to a served stream within `serve_write_timeout` (else `_WriteStalled`):
+        without a bound, a fetcher that never reads would hold its slot for ever."""
+        progress.writing += 1
+        try:
+            async with asyncio.timeout(self.serve_write_timeout):
+                await stream.write(data)
+        except TimeoutError:
+            raise _WriteStalled(
+                f"the fetcher took no write of ours for {self.serve_write_timeout:g} s"
+            ) from None
+        finally:
+            progress.writing -= 1
+        progress.wrote(asyncio.get_running_loop().time())
+
     async def _serve_refusals(self, stream: Stream) -> None:
         """Policy says no: every BLOCK_WANT gets NACK REFUSED."""
+        loop = asyncio.get_running_loop()
+        progress = _Progress(loop.time())
         reader = _FrameReader(stream)
-        while (data := await self._next_message(reader)) is not None:
+        while True:
+            # Reading and writing alternate here, so the deadline is simply since the last
+            # progress (a write bounded by its own timeout counts as one).
+            async with asyncio.timeout_at(progress.last + self.serve_idle_timeout):
+                data = await self._next_message(reader)
+            if data is None:
+                break
+            progress.frame_read(loop.time())
             msg = pull_block_message(data)
             if isinstance(msg, BlockWant):
                 self._count("wants_refused")
                 nack = BlockNack(msg.request_id, NackReason.REFUSED, msg.ids)
-                await stream.write(encode_frame(push_block_message(nack)))
+                await self._write(stream, encode_frame(push_block_message(nack)), progress)
             elif not isinstance(msg, BlockCancel):
                 raise FrameError("a fetcher sent a PUT or NACK", "malformed")
         await stream.close()
@@ -457,9 +529,11 @@ class BlobService:
         server = BlobServer(store, self.serve_settings)
         wake = asyncio.Event()
         reader = _FrameReader(stream)
+        progress = _Progress(loop.time())
 
         async def pump_in() -> None:
             while (data := await self._next_message(reader)) is not None:
+                progress.frame_read(loop.time())
                 server.receive(peer, data, loop.time())
                 wake.set()
 
@@ -470,7 +544,7 @@ class BlobService:
                     frames = [encode_frame(m) for _, m in msgs]
                     self._count("frames_out", len(frames))
                     for part in _batches(frames):
-                        await stream.write(part)
+                        await self._write(stream, part, progress)
                     continue
                 # No await since messages_to_send: a wake set by pump_in cannot be lost here.
                 wake.clear()
@@ -483,10 +557,22 @@ class BlobService:
         inp = asyncio.create_task(pump_in())
         out = asyncio.create_task(pump_out())
         try:
-            await asyncio.wait({inp, out}, return_when=asyncio.FIRST_COMPLETED)
+            while True:
+                if progress.writing:
+                    # The write's own timeout bounds it; look again after a full idle period.
+                    wait: float = self.serve_idle_timeout
+                else:
+                    wait = progress.last + self.serve_idle_timeout - loop.time()
+                    if wait <= 0:
+                        raise TimeoutError  # no progress for serve_idle_timeout: idle_closed
+                done, _ = await asyncio.wait(
+                    {inp, out}, timeout=wait, return_when=asyncio.FIRST_COMPLETED
+                )
+                if done:
+                    break
             if out.done():
                 out.result()  # a write failed: the stream is gone; raise its error
-            inp.result()  # raises FrameError / TimeoutError / stream errors
+            inp.result()  # raises FrameError / stream errors
             # The fetcher finished its half: it wants nothing more, so neither do we.
             await stream.close()
         finally:
@@ -523,15 +609,33 @@ class BlobService:
         stop answering). Returns a `BlobFetchResult` once every block and the whole-file hash
         are verified; raises `BlobFetchError` (naming what each peer did) otherwise. A blob
         already complete in the store is returned without asking anyone.
+
+        The work runs in a task of its own: `stop` cancels that task, never the caller's
+        (which gets `BlobFetchError`); cancelling the caller cancels the fetch with it.
         """
-        task = asyncio.current_task()
-        if task is not None:
-            self._fetches.add(task)
+        if self._stopping:
+            raise BlobFetchError("cannot fetch: the node is stopping")
+        task = asyncio.create_task(
+            self._fetch(blob_id, peers, progress, timeout, output), name="blob-fetch"
+        )
+        self._fetches.add(task)
+        task.add_done_callback(self._fetch_done)
         try:
-            return await self._fetch(blob_id, peers, progress, timeout, output)
-        finally:
-            if task is not None:
-                self._fetches.discard(task)
+            # Cancelling the caller here cancels `task` too (awaiting a task forwards the
+            # cancellation), and the caller resumes once the fetch has cleaned up.
+            return await task
+        except asyncio.CancelledError:
+            caller = asyncio.current_task()
+            if task.cancelled() and (caller is None or not caller.cancelling()):
+                # `stop` cancelled the fetch, not our caller: an error for it, not a
+                # CancelledError that would end a task nobody cancelled.
+                raise BlobFetchError("fetch cancelled: the node is stopping") from None
+            raise
+
+    def _fetch_done(self, task: asyncio.Task[BlobFetchResult]) -> None:
+        self._fetches.discard(task)
+        if not task.cancelled():
+            task.exception()  # retrieved: the caller re-raises it (if still waiting)
 
     async def _fetch(
         self,
@@ -560,12 +664,18 @@ class BlobService:
                 )
             sessions = {c: _Session(c) for c in cells}
         wake = asyncio.Event()
+        polite = False
         try:
             if sessions:
                 await self._open_all(sessions, fetcher, wake, deadline)
             await self._run(fetcher, sessions, wake, progress, deadline)
+            polite = True
+        except BlobFetchError:
+            polite = True  # the fetch failed, not this code: finish the streams as usual
+            raise
         finally:
-            await self._close_all(sessions)
+            # Cancelled (or a bug): reset every stream at once, without the grace wait.
+            await self._close_all(sessions, polite)
         outcomes = tuple(s.outcome() for s in sessions.values())
         if fetcher.failure is not None or fetcher.manifest is None:
             self._count("fetches_failed")
@@ -619,7 +729,7 @@ class BlobService:
 
         async def open_one(s: _Session) -> None:
             try:
-                s.stream = await self._node.services.open(s.cell, BLOB_KIND, timeout=budget)
+                s.stream = await self._open_stream(s.cell, budget)
             except (PeerUnreachableError, StreamError, TimeoutError) as exc:
                 s.end("unreachable", str(exc) or "no answer")
                 return
@@ -630,12 +740,34 @@ class BlobService:
             s.tasks.append(asyncio.create_task(self._fetch_reader(s, fetcher, wake)))
             s.tasks.append(asyncio.create_task(self._fetch_writer(s)))
 
-        await asyncio.gather(*(open_one(s) for s in sessions.values()))
+        opening = [asyncio.create_task(open_one(s)) for s in sessions.values()]
+        try:
+            await asyncio.gather(*opening)
+        except BaseException:
+            # Cancelled, or one open failed unexpectedly: gather leaves the others running, and
+            # one finishing later would open a stream nobody closes. Stop them all first; the
+            # caller's `_close_all` then resets every stream already open.
+            for t in opening:
+                t.cancel()
+            await asyncio.gather(*opening, return_exceptions=True)
+            raise
         if all(s.stream is None for s in sessions.values()):
             raise BlobFetchError(
                 "cannot fetch: no peer could be reached",
                 tuple(s.outcome() for s in sessions.values()),
             )
+
+    async def _open_stream(self, cell: bytes, timeout: float) -> Stream:  # noqa: ASYNC109
+        """`services.open` for a blob stream, but the stream is reset if writing the header
+        fails or is cancelled (it would otherwise be left open, unreachable)."""
+        stream = await self._node.open_stream(cell, timeout)
+        try:
+            await stream.write(header_line(BLOB_KIND))
+        except BaseException:
+            with contextlib.suppress(CellmeshError):
+                stream.reset(RESET_BLOB_ABANDONED)
+            raise
+        return stream
 
     async def _fetch_reader(self, s: _Session, fetcher: BlobFetcher, wake: asyncio.Event) -> None:
         assert s.stream is not None
@@ -750,28 +882,38 @@ class BlobService:
         if fetched and progress is not None:
             progress(fetcher.progress())
 
-    async def _close_all(self, sessions: dict[bytes, _Session]) -> None:
-        """Finish our half of every stream; wait briefly for the servers to finish theirs."""
-        readers: list[asyncio.Task[None]] = []
-        for s in sessions.values():
-            if not s.tasks:
-                continue
-            writer = s.tasks[1]
-            writer.cancel()
-            await asyncio.gather(writer, return_exceptions=True)
-            if s.stream is not None and not s.was_reset:
-                with contextlib.suppress(CellmeshError):
-                    # Frames still queued (CANCELs) are dropped: the server stops on EOF anyway.
-                    await s.stream.close()
-            readers.append(s.tasks[0])
-        if readers:
-            await asyncio.wait(readers, timeout=CLOSE_GRACE)
-        for s in sessions.values():
-            for t in s.tasks:
-                if not t.done():
-                    t.cancel()
+    async def _close_all(self, sessions: dict[bytes, _Session], polite: bool) -> None:
+        """End every stream of a fetch. `polite`: finish our half and wait briefly for the
+        servers to finish theirs; otherwise (cancelled) reset them all at once."""
+        try:
+            if polite:
+                readers: list[asyncio.Task[None]] = []
+                for s in sessions.values():
+                    if not s.tasks:
+                        continue
+                    writer = s.tasks[1]
+                    writer.cancel()
+                    await asyncio.gather(writer, return_exceptions=True)
+                    if s.stream is not None and not s.was_reset:
+                        with contextlib.suppress(CellmeshError):
+                            # Frames still queued (CANCELs) are dropped: the server stops on
+                            # EOF anyway.
+                            await s.stream.close()
+                    readers.append(s.tasks[0])
+                if readers:
+                    await asyncio.wait(readers, timeout=CLOSE_GRACE)
+        finally:
+            # Also reached when cancelled during the polite part: whatever is not finished is
+            # reset, so no stream outlives the fetch.
+            for s in sessions.values():
+                unfinished = not s.tasks or any(not t.done() for t in s.tasks)
+                if s.stream is not None and (unfinished or not polite):
                     s.reset(RESET_BLOB_ABANDONED)
-            await asyncio.gather(*s.tasks, return_exceptions=True)
+                for t in s.tasks:
+                    t.cancel()
+            await asyncio.gather(
+                *(t for s in sessions.values() for t in s.tasks), return_exceptions=True
+            )
 
 
 def _verify(manifest: Manifest, store: ChunkStore) -> None:

@@ -70,6 +70,9 @@ INSPECTION_PER_SOURCE: Final = 256
 ANY: Final = ""
 MAX_INTENTS: Final = 4096
 """Most grants remembered for renewal after a reconnection."""
+RENEW_ATTEMPTS: Final = 5
+RENEW_BACKOFF: Final = 1.0
+"""Seconds before the second attempt to renew a grant; doubled for each later one."""
 RELAY_CHANNEL: Final = "relay"
 """The channel name policy rules use to speak about relaying for a neighbour."""
 
@@ -172,6 +175,7 @@ class ChannelDriver:
         """Grants we asked for and were given, renewed when the host reconnects: a session
         that dies in a partition ends every grant, and the application still wants them."""
         self._renewing: set[asyncio.Task[None]] = set()
+        self._renewals: set[tuple[bytes, str, Op]] = set()
         self.dropped: Counter[str] = Counter()
         self._watch: asyncio.TimerHandle | None = None
         self._stopped = False
@@ -319,7 +323,13 @@ class ChannelDriver:
         await self._ask(peer, Op.PUBLISH, channel, chain, timeout)
 
     async def _ask(
-        self, peer: bytes, op: Op, channel: str, chain: tuple[Token, ...], timeout: float
+        self,
+        peer: bytes,
+        op: Op,
+        channel: str,
+        chain: tuple[Token, ...],
+        timeout: float,
+        renewal: bool = False,
     ) -> None:
         node = self._node
         await node.ensure_connected(peer, timeout)
@@ -348,33 +358,55 @@ class ChannelDriver:
                 f"({reply.reason}){detail}",
                 reply.reason,
             )
-        if (peer, channel, op) in self._intents or len(self._intents) < MAX_INTENTS:
-            self._intents[(peer, channel, op)] = chain
+        key = (peer, channel, op)
+        if renewal:
+            if key not in self._intents:
+                # The application let go while the renewal was on its way: undo it.
+                if op == Op.SUBSCRIBE:
+                    self.service.unsubscribe(peer, channel, node._now())
+                    node._pump()
+                return
+        elif key in self._intents or len(self._intents) < MAX_INTENTS:
+            self._intents[key] = chain
         for listener in list(self.grant_listeners):
             listener(peer, channel)
 
     def _renew(self, peer: bytes) -> None:
         """Ask `peer` again for the grants it gave us before its session ended."""
-        wanted = [(k, chain) for k, chain in self._intents.items() if k[0] == peer]
-        for (_, channel, op), chain in wanted:
-            task = asyncio.ensure_future(self._renew_one(peer, channel, op, chain))
+        for key, chain in list(self._intents.items()):
+            if key[0] != peer or key in self._renewals:
+                continue  # another peer's, or a renewal of it already runs
+            self._renewals.add(key)
+            task = asyncio.ensure_future(self._renew_one(key, chain))
             self._renewing.add(task)
             task.add_done_callback(self._renewing.discard)
 
-    async def _renew_one(self, peer: bytes, channel: str, op: Op, chain: tuple[Token, ...]) -> None:
+    async def _renew_one(self, key: tuple[bytes, str, Op], chain: tuple[Token, ...]) -> None:
+        peer, channel, op = key
+        what = "subscription" if op == Op.SUBSCRIBE else "publish grant"
         try:
-            await self._ask(peer, op, channel, chain, 5.0)
-        except AccessDeniedError as exc:
-            log.warning("%s no longer granted after reconnecting: %s", channel, exc)
-        except (PeerUnreachableError, LocalProtocolError) as exc:
-            log.info("could not renew %s at %s: %s", channel, format_cell_id(peer), exc)
-        else:
-            log.info(
-                "renewed %s on %s at %s",
-                "subscription" if op == Op.SUBSCRIBE else "publish grant",
-                channel,
-                format_cell_id(peer),
-            )
+            for attempt in range(RENEW_ATTEMPTS):
+                if key not in self._intents or self._stopped:
+                    return
+                try:
+                    await self._ask(peer, op, channel, chain, 5.0, renewal=True)
+                except AccessDeniedError as exc:
+                    self._intents.pop(key, None)
+                    log.warning("%s no longer granted after reconnecting: %s", channel, exc)
+                    return
+                except (PeerUnreachableError, LocalProtocolError) as exc:
+                    # Right after a reconnection the host may be slow to answer: try again
+                    # while the session lasts (a new session renews anyway).
+                    if self._node.endpoint.session_for(peer) is None:
+                        log.info("could not renew %s on %s: %s", what, channel, exc)
+                        return
+                    await asyncio.sleep(RENEW_BACKOFF * 2**attempt)
+                    continue
+                log.info("renewed %s on %s at %s", what, channel, format_cell_id(peer))
+                return
+            log.warning("gave up renewing %s on %s at %s", what, channel, format_cell_id(peer))
+        finally:
+            self._renewals.discard(key)
 
     def unsubscribe(self, peer: bytes, channel: str) -> bool:
         """Leave a subscription."""

@@ -268,6 +268,8 @@ class Subscription:
         self._after: int | None = 0 if from_start else None
         self._backend: _Backend | None = None
         self._closed = False
+        self._wait: asyncio.Future[Any] | None = None
+        """The pending `sub_recv` request, which `close()` cancels."""
 
     async def start(self) -> Subscription:
         """Fix the starting point now (the end of the log, unless `from_start`)."""
@@ -306,17 +308,30 @@ class Subscription:
         await self.start()
         assert self._backend is not None
         while not self._closed and not self._conn.closed:
-            try:
-                r = _need(
-                    await self._backend.call(
-                        "sub_recv", channel=self.channel, after=self._after, timeout=WAIT_SLICE
-                    ),
-                    "event",
+            # The wait runs as a task of its own so that `close()` can end it: over an
+            # embedded node nothing else would (the backend is shared, there is no connection
+            # of ours to cut), and the wait lasts up to WAIT_SLICE.
+            wait = asyncio.ensure_future(
+                self._backend.call(
+                    "sub_recv", channel=self.channel, after=self._after, timeout=WAIT_SLICE
                 )
-            except ControlError:
-                if self._closed or self._conn.closed:
-                    break  # our own close cut the connection the wait was on
+            )
+            self._wait = wait
+            try:
+                await asyncio.wait((wait,))
+            except asyncio.CancelledError:
+                wait.cancel()  # our caller gave up: so does the request
                 raise
+            finally:
+                self._wait = None
+            if self._closed or self._conn.closed:
+                # Closed meanwhile: an event the wait may still have got is not returned.
+                if not wait.cancelled():
+                    wait.exception()  # retrieved, so never logged as unhandled
+                break
+            if wait.cancelled():  # pragma: no cover - only close() cancels it, handled above
+                raise ControlError(f"the subscription to {self.channel} was interrupted")
+            r = _need(wait.result(), "event")
             if r["event"] is None:
                 continue  # nothing within the slice (or the embedded node is stopping)
             ev = StateEvent.from_json(r["event"])
@@ -333,6 +348,8 @@ class Subscription:
             return
         self._closed = True
         self._conn._subscriptions.discard(self)
+        if self._wait is not None:
+            self._wait.cancel()  # a pending `__anext__` wakes up, sees the flag and stops
         backend, self._backend = self._backend, None
         if backend is not None and backend is not self._conn._backend:
             await backend.close()

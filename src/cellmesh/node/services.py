@@ -13,11 +13,13 @@ or code of its own) reads the stream from its first byte.
 
 `open` is the other half: it opens a stream to a peer and writes the header of `kind`.
 
-Bounds: at most `MAX_ROUTING` streams have their header read at once (more are reset with
-`REFUSED`); a stream that opens with ``{`` and sends no newline within `HEADER_TIMEOUT` seconds
-or 4096 bytes is handed to the application as it is (the application's own header rules then
-apply). A handler runs as a task of its own, at most `MAX_HANDLERS` at once per node; a handler
-that raises costs its stream (reset), never the node.
+Bounds: at most `MAX_ROUTING` streams have their header read at once, `MAX_ROUTING_PER_PEER` of
+one peer (more are reset with `REFUSED`); a stream that opens with ``{`` and sends no newline
+within `HEADER_TIMEOUT` seconds or 4096 bytes is handed to the application as it is (the
+application's own header rules then apply). A handler runs as a task of its own, at most
+`MAX_HANDLERS` at once per node and `MAX_HANDLERS_PER_PEER` per peer (more: reset with
+`RESET_SERVICE_BUSY`); a handler that raises costs its stream (reset), never the node. Once the
+node stops, new streams are refused and every handler is cancelled and awaited.
 """
 
 from __future__ import annotations
@@ -26,6 +28,7 @@ import asyncio
 import contextlib
 import json
 import logging
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from typing import TYPE_CHECKING, Any, Final
 
@@ -51,6 +54,11 @@ MAX_HEADER: Final = 4096
 HEADER_TIMEOUT: Final = 10.0
 MAX_ROUTING: Final = 256
 MAX_HANDLERS: Final = 256
+MAX_ROUTING_PER_PEER: Final = 16
+"""Streams of one peer whose header is being read at once: one peer cannot take the node's
+`MAX_ROUTING` slots (opening streams that send only "{" costs it nothing)."""
+MAX_HANDLERS_PER_PEER: Final = 32
+"""Service handlers running for one peer at once (each service has its own, lower limits)."""
 RESET_SERVICE_BUSY: Final = 0x201
 """A service stream refused because `MAX_HANDLERS` already run."""
 RESET_SERVICE_ERROR: Final = 0x202
@@ -78,6 +86,10 @@ class StreamServices:
         self._handlers: dict[str, ServiceHandler] = {}
         self._tasks: set[asyncio.Task[None]] = set()
         self._routing = 0
+        self._routing_of: Counter[bytes] = Counter()
+        self._handlers_of: Counter[bytes] = Counter()
+        self._serving = 0
+        self._stopping = False
         self.counters: dict[str, int] = {}
 
     def register(self, kind: str, handler: ServiceHandler) -> None:
@@ -107,15 +119,28 @@ class StreamServices:
         """Open a stream to `peer` and write the header of `kind` (with `fields`)."""
         line = header_line(kind, **fields)
         st = await self._node.open_stream(peer, timeout)
-        await st.write(line)
+        try:
+            await st.write(line)
+        except BaseException:
+            # Cancelled or failed before the header was out: never leave the stream open (the
+            # peer would hold a routing slot for it until its header timeout).
+            with contextlib.suppress(CellmeshError):
+                st.reset()
+            raise
         return st
 
     def route(self, stream: Stream) -> bool:
-        """Take an incoming stream: False if too many are being routed (the caller refuses it)."""
-        if self._routing >= MAX_ROUTING:
+        """Take an incoming stream: False if it must be refused (too many being routed, for
+        the node or for this peer, or the node is stopping)."""
+        peer = stream.cell_id
+        if self._stopping:
+            self._count("refused_stopping")
+            return False
+        if self._routing >= MAX_ROUTING or self._routing_of[peer] >= MAX_ROUTING_PER_PEER:
             self._count("refused_routing")
             return False
         self._routing += 1
+        self._routing_of[peer] += 1
         self._spawn(self._route(stream), f"route-{stream.stream_id}")
         return True
 
@@ -126,6 +151,7 @@ class StreamServices:
         task.add_done_callback(self._tasks.discard)
 
     async def _route(self, stream: Stream) -> None:
+        peer = stream.cell_id
         try:
             head, header = await self._read_header(stream)
         except CellmeshError as exc:
@@ -133,19 +159,29 @@ class StreamServices:
             return
         finally:
             self._routing -= 1
+            self._routing_of[peer] -= 1
+            if self._routing_of[peer] <= 0:
+                del self._routing_of[peer]
         handler = None if header is None else self._handlers.get(str(header.get("kind")))
         if handler is None or header is None:
             stream.unread(head)
             self._node._hand_to_application(stream)
             return
-        if sum(1 for t in self._tasks if t.get_name().startswith("serve-")) >= MAX_HANDLERS:
+        if (
+            self._stopping
+            or self._serving >= MAX_HANDLERS
+            or self._handlers_of[peer] >= MAX_HANDLERS_PER_PEER
+        ):
             self._count("refused_busy")
             stream.reset(RESET_SERVICE_BUSY)
             return
         self._count(f"served_{header['kind']}")
+        self._serving += 1
+        self._handlers_of[peer] += 1
         self._spawn(self._serve(handler, stream, header), f"serve-{header['kind']}")
 
     async def _serve(self, handler: ServiceHandler, stream: Stream, header: dict[str, Any]) -> None:
+        peer = stream.cell_id
         try:
             await handler(stream, header)
         except CellmeshError as exc:
@@ -161,6 +197,11 @@ class StreamServices:
             self._count("handler_error")
             with contextlib.suppress(CellmeshError):
                 stream.reset(RESET_SERVICE_ERROR)
+        finally:
+            self._serving -= 1
+            self._handlers_of[peer] -= 1
+            if self._handlers_of[peer] <= 0:
+                del self._handlers_of[peer]
 
     async def _read_header(self, stream: Stream) -> tuple[bytes, dict[str, Any] | None]:
         """The bytes read and the header object (None: not a service header)."""
@@ -193,8 +234,11 @@ class StreamServices:
         return line, obj
 
     async def stop(self) -> None:
-        """Cancel every handler and routing task."""
-        tasks = list(self._tasks)
-        for t in tasks:
-            t.cancel()
-        await asyncio.gather(*tasks, return_exceptions=True)
+        """Refuse new streams, then cancel every handler and routing task and wait for them
+        (a stream that arrived meanwhile is refused, so none outlives the node)."""
+        self._stopping = True
+        while self._tasks:
+            tasks = list(self._tasks)
+            for t in tasks:
+                t.cancel()
+            await asyncio.gather(*tasks, return_exceptions=True)

@@ -89,6 +89,7 @@ class StateDriver:
         if self._closed:
             return
         self._closed = True
+        self.folds.close()  # no query may be served from the store closed below
         self.sync.close()
         channels = self._node._channels
         if channels is not None and self._on_message in channels.taps:

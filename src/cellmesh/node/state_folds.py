@@ -25,8 +25,11 @@ Answering. A peer gets an answer only when it is entitled to read the channel: i
 the channel here, or this node subscribed to that channel at it or publishes into it there.
 Everything about a request is bounded: the header (services: 4096 bytes), the key and fold name
 lengths, the wait for the end of the request (`REQUEST_TIMEOUT`), the answer (`MAX_ANSWER`, the
-state truncated to fit). A malformed request gets a refusal line (``malformed``) and is counted;
-one that never ends is dropped and counted (``dropped_incomplete``).
+state truncated to fit). The header is checked (fields, entitlement) before that wait, so a
+peer not entitled is refused at once instead of holding a handler. A malformed request gets a
+refusal line (``malformed``) and is counted; one that never ends is dropped and counted
+(``dropped_incomplete``). Once the node's state layer closes (`close`), queries are no longer
+served, and a handler still waiting answers ``unavailable``.
 """
 
 from __future__ import annotations
@@ -178,6 +181,19 @@ def _check_request(channel: object, fold: object, key: object) -> str | None:
     return None
 
 
+def _usable(answer: Answer, key: str | None) -> bool:
+    """Can `answer` be merged and viewed on its own without failing. `decode_answer` checks
+    the structure it knows of, but a peer's answer is hostile input: whatever else about it
+    breaks the merge or the view must cost that peer's answer, never the asker's query. The
+    views work entry by entry, so answers usable one by one are usable merged together."""
+    try:
+        view(answer.kind, merge(answer.kind, {"peer": answer}).state, key)
+    except Exception:  # any failure on hostile input refuses that answer alone
+        log.debug("unusable %s answer", answer.kind, exc_info=True)
+        return False
+    return True
+
+
 class NodeFolds:
     """Folds over this node's channel logs and federated queries. Reach it as
     ``node.state.folds``."""
@@ -188,7 +204,17 @@ class NodeFolds:
         self._folds: dict[tuple[str, str], Fold] = {}
         self.counters: Tally[str] = Tally()
         """served, refused_<reason>, dropped_<why>, asked, answers, timeouts."""
+        self._closed = False
         node.services.register(QUERY_KIND, self._serve)
+
+    def close(self) -> None:
+        """Stop answering queries (the node's state layer closes; the store goes next): new
+        query streams are no longer routed here, and a handler still waiting for its request
+        answers ``unavailable`` instead of reading the closed store."""
+        if self._closed:
+            return
+        self._closed = True
+        self._node.services.unregister(QUERY_KIND)
 
     # ------------------------------------------------------------------ local folds
 
@@ -318,6 +344,8 @@ class NodeFolds:
                 refused[label] = reply.reason
             elif reply.kind != local.kind or reply.version != local.version:
                 refused[label] = "fold_mismatch"
+            elif not _usable(reply, key):
+                refused[label] = "bad_answer"
             else:
                 answers[label] = reply
                 self.counters["answers"] += 1
@@ -383,32 +411,49 @@ class NodeFolds:
 
     async def _serve(self, stream: Stream, header: dict[str, Any]) -> None:
         """Answer one query stream (the header is the request)."""
-        # The request ends with the requester finishing its half: wait for that, bounded,
-        # so a request with a body (not part of the protocol) is refused, not ignored.
-        try:
-            async with asyncio.timeout(REQUEST_TIMEOUT):
-                extra = await stream.read(1)
-        except TimeoutError:
-            self.counters["dropped_incomplete"] += 1
-            stream.reset()
-            return
-        if extra:
-            line = self._refuse("malformed", "a query request is its header alone")
-        else:
-            line = self._answer_line(stream.cell_id, header)
+        # Everything decidable from the header alone is decided before waiting for the end of
+        # the request: a peer that may not read the channel (or sends a malformed header) is
+        # refused at once, and so cannot hold a handler slot for REQUEST_TIMEOUT.
+        line = self._check_header(stream.cell_id, header)
+        if line is None:
+            # The request ends with the requester finishing its half: wait for that, bounded,
+            # so a request with a body (not part of the protocol) is refused, not ignored.
+            try:
+                async with asyncio.timeout(REQUEST_TIMEOUT):
+                    extra = await stream.read(1)
+            except TimeoutError:
+                self.counters["dropped_incomplete"] += 1
+                stream.reset()
+                return
+            if extra:
+                line = self._refuse("malformed", "a query request is its header alone")
+            else:
+                line = self._answer_line(header)
         await stream.write(line)
         await stream.close()
 
-    def _answer_line(self, peer: bytes, header: dict[str, Any]) -> bytes:
+    def _check_header(self, peer: bytes, header: dict[str, Any]) -> bytes | None:
+        """The refusal line for a request refused on its header alone, else None."""
+        if self._closed:
+            return self._refuse("unavailable", "this node is stopping")
         channel, fold, key = header.get("channel"), header.get("fold"), header.get("key")
         problem = _check_request(channel, fold, key)
         if problem is not None:
             return self._refuse("malformed", problem)
         assert isinstance(channel, str)
-        assert isinstance(fold, str)
-        assert key is None or isinstance(key, str)
         if not self.entitled(peer, channel):
             return self._refuse("not_entitled", f"{channel} is not shared with you here")
+        return None
+
+    def _answer_line(self, header: dict[str, Any]) -> bytes:
+        """The answer to a request `_check_header` accepted (so its fields are valid)."""
+        channel, fold, key = header.get("channel"), header.get("fold"), header.get("key")
+        assert isinstance(channel, str)
+        assert isinstance(fold, str)
+        assert key is None or isinstance(key, str)
+        if self._closed:
+            # The state layer closed while we waited for the end of the request.
+            return self._refuse("unavailable", "this node is stopping")
         if not self.known(channel, fold):
             return self._refuse("unknown_fold", f"no fold {fold!r} on {channel}")
         try:

@@ -46,7 +46,13 @@ from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import TYPE_CHECKING, Any, Final
 
-from cellmesh.errors import AccessDeniedError, CellmeshError, DecodeError, RemoteProtocolError
+from cellmesh.errors import (
+    AccessDeniedError,
+    CellmeshError,
+    DecodeError,
+    LocalProtocolError,
+    RemoteProtocolError,
+)
 from cellmesh.filter.channels import channel_hash
 from cellmesh.identity.cellid import format_cell_id
 from cellmesh.node.services import header_line
@@ -89,7 +95,12 @@ MAX_INDEXES: Final = 256
 MIN_GAP: Final = 1.0
 """Seconds before the same (peer, channel) pair is synced again."""
 ANSWER_TIMEOUT: Final = 30.0
-"""Seconds a side waits for the peer's next frame before giving up."""
+"""Seconds a side waits for the peer's next frame (or for room to write one) before giving up."""
+SESSION_DEADLINE: Final = 900.0
+"""Seconds one session may last in all (a fill of 100,000 events takes about 20 s here); a
+session cut short keeps what it stored, and the next round goes on from there."""
+MAX_PEER_SESSIONS: Final = 2
+"""Sessions one peer may have served here at once (never two for one channel)."""
 MAX_REASON: Final = 512
 _LEN: Final = struct.Struct("!I")
 _OK: Final = b"ok\n"
@@ -220,7 +231,8 @@ class StateSync:
         self._rng = random.Random()
         self.counters: Counter[str] = Counter()
         self.last_reports: OrderedDict[tuple[bytes, str], SyncReport] = OrderedDict()
-        self._serving = 0
+        self._served: set[tuple[bytes, str]] = set()
+        self._served_by_peer: Counter[bytes] = Counter()
         self._closed = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -264,11 +276,29 @@ class StateSync:
         return sorted(set(self._node.channels.service.subscriptions()))
 
     def holds_subscription(self, peer: bytes, channel: str) -> bool:
-        try:
-            h = channel_hash(channel)
-        except ValueError:
-            return False
-        return self._node.channels.service.holds_subscription(peer, h)
+        """True if we read `channel` at `peer` (we subscribed to it there)."""
+        return self._node.channels.service.subscribed_at(peer, channel)
+
+    def _may_read(self, peer: bytes, channel: str) -> bool:
+        """`peer` may read our copy of `channel`: it subscribed to it here, or it is the host
+        we read it from. Name-checked: a grant on a channel whose hash collides is no grant."""
+        service = self._node.channels.service
+        return service.peer_granted(peer, "subscribe", channel, time.time()) or (
+            service.subscribed_at(peer, channel)
+        )
+
+    def _may_write(self, peer: bytes, channel: str) -> bool:
+        """`peer` may add events to our copy: a publish grant here, or it is our host."""
+        service = self._node.channels.service
+        return service.peer_granted(peer, "publish", channel, time.time()) or (
+            service.subscribed_at(peer, channel)
+        )
+
+    def _touch(self, key: tuple[bytes, str]) -> None:
+        self._last[key] = time.monotonic()
+        if len(self._last) > 4 * MAX_INDEXES:
+            for k in list(self._last)[: len(self._last) // 2]:
+                del self._last[k]
 
     # ------------------------------------------------------------------ the index
 
@@ -282,9 +312,12 @@ class StateSync:
             SyncItem(min(clock, MAX_KEY), eid)
             for eid, clock in self._state.store.id_clocks(channel)
         )
-        self._indexes[channel] = idx
-        while len(self._indexes) > MAX_INDEXES:
-            self._indexes.popitem(last=False)
+        # An empty channel costs nothing to rebuild: keeping it would let a peer that syncs
+        # many empty names evict the indexes of real channels (which cost a scan to rebuild).
+        if len(idx):
+            self._indexes[channel] = idx
+            while len(self._indexes) > MAX_INDEXES:
+                self._indexes.popitem(last=False)
         return idx
 
     def note_appended(self, channel: str, event_id: bytes, clock: int) -> None:
@@ -313,14 +346,15 @@ class StateSync:
         key = (peer, channel)
         if key in self._running or len(self._running) >= MAX_SESSIONS:
             return False
-        now = time.monotonic()
-        if not force and now - self._last.get(key, -MIN_GAP) < MIN_GAP:
+        if not force and time.monotonic() - self._last.get(key, -MIN_GAP) < MIN_GAP:
             return False
-        self._last[key] = now
-        if len(self._last) > 4 * MAX_INDEXES:
-            for k in list(self._last)[: len(self._last) // 2]:
-                del self._last[k]
-        task = asyncio.ensure_future(self._initiate_logged(peer, channel))
+        self._start(key)
+        return True
+
+    def _start(self, key: tuple[bytes, str]) -> asyncio.Task[SyncReport]:
+        """Run one initiated session as a task registered for `key` (one per pair)."""
+        self._touch(key)
+        task = asyncio.ensure_future(self._initiate(*key))
         self._running[key] = task
         self._tasks.add(task)
 
@@ -328,25 +362,22 @@ class StateSync:
             self._tasks.discard(t)
             if self._running.get(key) is t:
                 del self._running[key]
+            if t.cancelled():
+                return
+            exc = t.exception()  # retrieved here, so a scheduled session never warns
+            peer, channel = format_cell_id(key[0]), key[1]
+            if isinstance(exc, SyncRefused):
+                self.counters["refused_by_peer"] += 1
+                log.info("sync of %s with %s refused: %s", channel, peer, exc)
+            elif isinstance(exc, CellmeshError | TimeoutError):
+                self.counters["failed"] += 1
+                log.info("sync of %s with %s failed: %s", channel, peer, exc or "timed out")
+            elif exc is not None:
+                self.counters["failed"] += 1
+                log.error("sync of %s with %s: internal error", channel, peer, exc_info=exc)
 
         task.add_done_callback(done)
-        return True
-
-    async def _initiate_logged(self, peer: bytes, channel: str) -> SyncReport:
-        try:
-            return await self._initiate(peer, channel)
-        except asyncio.CancelledError:
-            raise
-        except SyncRefused as exc:
-            self.counters["refused_by_peer"] += 1
-            log.info("sync of %s with %s refused: %s", channel, format_cell_id(peer), exc)
-        except CellmeshError as exc:
-            self.counters["failed"] += 1
-            log.info("sync of %s with %s failed: %s", channel, format_cell_id(peer), exc)
-        except Exception:
-            self.counters["failed"] += 1
-            log.exception("sync of %s with %s: internal error", channel, format_cell_id(peer))
-        return SyncReport(peer, channel, "initiator", False, 0.0, 0, 0, 0, 0, 0, 0, 0)
+        return task
 
     async def sync_with(
         self,
@@ -354,41 +385,48 @@ class StateSync:
         channel: str,
         timeout: float = 60.0,  # noqa: ASYNC109 - a deadline for the whole session
     ) -> SyncReport:
-        """Reconcile `channel` with `peer` now (we initiate) and return what it did.
-        Raises `SyncRefused` if the peer refuses, `CellmeshError` if the session fails."""
+        """Reconcile `channel` with `peer` now (we initiate) and return what it did; a session
+        already running for the pair is waited for first. Raises `SyncRefused` if the peer
+        refuses, `CellmeshError` if the session fails, `TimeoutError` after `timeout`."""
+        if self._closed:
+            raise LocalProtocolError("the state layer is closed")
         key = (peer, channel)
-        running = self._running.get(key)
-        if running is not None:
-            with contextlib.suppress(asyncio.CancelledError, CellmeshError):
-                await asyncio.wait_for(asyncio.shield(running), timeout)
-        self._last[key] = time.monotonic()
         async with asyncio.timeout(timeout):
-            return await self._initiate(peer, channel)
+            while (running := self._running.get(key)) is not None:
+                await asyncio.wait([running])  # its outcome is its own; ours follows
+            if len(self._running) >= MAX_SESSIONS:
+                raise LocalProtocolError(f"{MAX_SESSIONS} sync sessions already run")
+            return await asyncio.shield(self._start(key))
 
     # ------------------------------------------------------------------ the exchange
 
     async def _initiate(self, peer: bytes, channel: str) -> SyncReport:
         channel_hash(channel)  # validates the name
-        st = await self._node.open_stream(peer)
-        try:
-            await st.write(header_line(SYNC_KIND, channel=channel))
-            reader = _FrameReader(st)
-            answer = await reader.line(MAX_REASON)
-            if answer != _OK:
-                text = answer.decode("utf-8", "replace").strip()
-                raise SyncRefused(
-                    f"{format_cell_id(peer)} refused to sync {channel}: {text}",
-                    text.split(":", 1)[0][:40],
-                )
-            service = self._node.channels.service
-            h = channel_hash(channel)
-            # We accept the peer's events if it is the host we read the channel from.
-            accept = service.holds_subscription(peer, h)
-            return await self._run(st, reader, peer, channel, SyncRole.INITIATOR, accept)
-        except BaseException:
-            with contextlib.suppress(CellmeshError):
-                st.reset()
-            raise
+        async with asyncio.timeout(SESSION_DEADLINE):
+            st = await self._node.open_stream(peer)
+            try:
+                await _write(st, header_line(SYNC_KIND, channel=channel))
+                reader = _FrameReader(st)
+                try:
+                    async with asyncio.timeout(ANSWER_TIMEOUT):
+                        answer = await reader.line(MAX_REASON)
+                except TimeoutError:
+                    raise RemoteProtocolError(
+                        f"no answer to a sync request within {ANSWER_TIMEOUT:g} s"
+                    ) from None
+                if answer != _OK:
+                    text = answer.decode("utf-8", "replace").strip()
+                    raise SyncRefused(
+                        f"{format_cell_id(peer)} refused to sync {channel}: {text}",
+                        text.split(":", 1)[0][:40],
+                    )
+                # We take the peer's events only if it is the host we read the channel from.
+                accept = self.holds_subscription(peer, channel)
+                return await self._run(st, reader, peer, channel, SyncRole.INITIATOR, accept)
+            except BaseException:
+                with contextlib.suppress(CellmeshError):
+                    st.reset()
+                raise
 
     async def _serve(self, st: Stream, header: dict[str, Any]) -> None:
         peer = st.cell_id
@@ -396,38 +434,47 @@ class StateSync:
         reason = self._refusal(peer, channel)
         if reason is not None:
             self.counters[f"refused_{reason.split(':')[0]}"] += 1
-            await st.write(reason.encode()[: MAX_REASON - 1] + b"\n")
-            await st.close()
-            with contextlib.suppress(TimeoutError, CellmeshError):
-                async with asyncio.timeout(5.0):
+            with contextlib.suppress(TimeoutError):
+                async with asyncio.timeout(ANSWER_TIMEOUT):
+                    await st.write(reason.encode()[: MAX_REASON - 1] + b"\n")
+                    await st.close()
                     await st.wait_acknowledged()
             return
         assert isinstance(channel, str)
-        service = self._node.channels.service
-        h = channel_hash(channel)
-        wall = time.time()
-        accept = service.access.grant(
-            peer, "publish", h, wall
-        ) is not None or service.holds_subscription(peer, h)
-        await st.write(_OK)
         key = (peer, channel)
-        self._last[key] = time.monotonic()
-        await self._run(st, _FrameReader(st), peer, channel, SyncRole.RESPONDER, accept)
+        accept = self._may_write(peer, channel)
+        self._served.add(key)
+        self._served_by_peer[peer] += 1
+        try:
+            async with asyncio.timeout(SESSION_DEADLINE):
+                await _write(st, _OK)
+                self._touch(key)
+                await self._run(st, _FrameReader(st), peer, channel, SyncRole.RESPONDER, accept)
+        except TimeoutError:
+            self.counters["session_deadline"] += 1
+            with contextlib.suppress(CellmeshError):
+                st.reset()
+        finally:
+            self._served.discard(key)
+            self._served_by_peer[peer] -= 1
+            if self._served_by_peer[peer] <= 0:
+                del self._served_by_peer[peer]
 
     def _refusal(self, peer: bytes, channel: object) -> str | None:
         """Why `peer` may not sync `channel` here (a reason word and detail), or None."""
         if not isinstance(channel, str):
             return "bad_request: the header names no channel"
         try:
-            h = channel_hash(channel)
+            channel_hash(channel)
         except ValueError as exc:
             return f"bad_request: {exc}"
-        service = self._node.channels.service
-        if service.access.grant(
-            peer, "subscribe", h, time.time()
-        ) is None and not service.holds_subscription(peer, h):
+        if not self._may_read(peer, channel):
             return f"not_subscribed: subscribe to {channel} here before syncing it"
-        if len(self._running) + self._serving >= MAX_SESSIONS:
+        if (peer, channel) in self._served:
+            return f"busy: a sync of {channel} with you is already running"
+        if self._served_by_peer.get(peer, 0) >= MAX_PEER_SESSIONS:
+            return f"busy: {MAX_PEER_SESSIONS} sync sessions with you already run"
+        if len(self._running) + len(self._served) >= MAX_SESSIONS:
             return "busy: too many sync sessions; try again later"
         return None
 
@@ -444,11 +491,9 @@ class StateSync:
         loop = asyncio.get_running_loop()
         view = LogSyncView(self._state.store, channel, self.index(channel))
         session = SyncSession(view, role, loop.time(), SYNC_SETTINGS, accept_events=accept)
-        if role is SyncRole.RESPONDER:
-            self._serving += 1
         try:
             if role is SyncRole.INITIATOR:
-                await _write_frame(st, session.start())
+                await _write(st, _frame(session.start()))
             while not session.done:
                 try:
                     async with asyncio.timeout(ANSWER_TIMEOUT):
@@ -462,7 +507,7 @@ class StateSync:
                 replies = session.receive(frame, loop.time())
                 self._apply(view, channel)
                 for out in replies:
-                    await _write_frame(st, out)
+                    await _write(st, _frame(out))
             await st.close()
             # Read to the peer's end so both halves finish. An honest peer sends nothing more
             # once we are done; anything it does send is counted and ignored.
@@ -477,9 +522,6 @@ class StateSync:
             with contextlib.suppress(CellmeshError):
                 st.reset()
             raise
-        finally:
-            if role is SyncRole.RESPONDER:
-                self._serving -= 1
         stats = session.statistics()
         report = _report(
             peer, channel, role, session.complete, time.monotonic() - started, stats, view
@@ -548,8 +590,20 @@ def _report(
     )
 
 
-async def _write_frame(st: Stream, data: bytes) -> None:
-    await st.write(_LEN.pack(len(data)) + data)
+def _frame(data: bytes) -> bytes:
+    return _LEN.pack(len(data)) + data
+
+
+async def _write(st: Stream, data: bytes) -> None:
+    """Write, giving up when the peer leaves no room for `ANSWER_TIMEOUT` seconds (a peer that
+    stops reading must not hold a session slot)."""
+    try:
+        async with asyncio.timeout(ANSWER_TIMEOUT):
+            await st.write(data)
+    except TimeoutError:
+        raise RemoteProtocolError(
+            f"the peer read nothing of the sync stream for {ANSWER_TIMEOUT:g} s"
+        ) from None
 
 
 class _FrameReader:

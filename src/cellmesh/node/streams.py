@@ -60,8 +60,10 @@ class Stream:
     def _fail(self, error: CellmeshError) -> None:
         if self._error is None:
             self._error = error
-        # Unread bytes are abandoned (the transport returns their flow credit on the reset).
+        # Unread bytes are abandoned (the transport returns their flow credit on the reset),
+        # pushed-back ones too: after a reset, reads raise rather than return old bytes.
         self._chunks.clear()
+        self._unread.clear()
         self._readable.set()
         self._writable.set()
         self._acknowledged.set()

@@ -28,8 +28,8 @@ with another meaning would merge into nonsense.
 Trust. A peer's answer is its claim: entries carry stamps, not the signed events, so a peer that
 lies can win keys with invented stamps (or a counter with an invented event count). Queries are
 answered only to peers entitled to read the channel and asked only of peers that hold it.
-Answers are validated structurally (a malformed one is refused as ``bad_answer``), never trusted
-to be well-formed.
+Answers are validated structurally (a malformed one is refused as ``bad_answer``, set element
+keys included: they must be canonical JSON text), never trusted to be well-formed.
 """
 
 from __future__ import annotations
@@ -247,6 +247,16 @@ def _uint(value: object) -> bool:
     return isinstance(value, int) and not isinstance(value, bool) and value >= 0
 
 
+def _canonical_member(key: str) -> bool:
+    """Is `key` a set element's table key as `LwwSet` writes it: the canonical JSON text of
+    the element. `LwwSet.view` parses every key back, so a key that is not JSON text (or not
+    in canonical form, which would list one element twice) must be refused at decoding."""
+    try:
+        return dump_state(json.loads(key)) == key
+    except (ValueError, RecursionError, FoldError):  # not JSON, too deep, NaN or infinite
+        return False
+
+
 def _valid_table(kind: str, state: JSON) -> bool:
     table = _table(kind)
     if table is None:
@@ -257,6 +267,8 @@ def _valid_table(kind: str, state: JSON) -> bool:
     if not isinstance(entries, dict):
         return False
     name, length = table
+    if name == "elements" and not all(_canonical_member(k) for k in entries):
+        return False
     for entry in entries.values():
         if not (
             isinstance(entry, list)

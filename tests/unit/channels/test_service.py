@@ -1069,3 +1069,47 @@ def test_host_ending_a_subscription_between_mutual_subscribers() -> None:
     mesh.settle()
     assert a.svc.subscriptions() == []  # A's subscription at B ended ...
     assert list(a.svc.subscribers()) == [("chat", b.cell)]  # ... B's at A did not
+
+
+# --- channel names that share a hash ----------------------------------------------------------
+
+# Found by a birthday search over 2**16 names: the 32-bit channel hash is not a name.
+COLLIDING = ("chat/a109094", "secret/b12049")
+
+
+def test_colliding_names_never_stand_for_each_other() -> None:
+    assert channel_hash(COLLIDING[0]) == channel_hash(COLLIDING[1])
+    mesh = Mesh()
+    host = mesh.add(hosted=("chat/** open", "secret/** open"))
+    reader, other = mesh.add(), mesh.add()
+    mesh.connect(reader, host)
+    mesh.connect(other, host)
+    assert subscribed(mesh, reader, host, COLLIDING[0]).allowed
+    assert subscribed(mesh, other, host, COLLIDING[1]).allowed
+    # A publication on one name reaches the subscribers of that name only.
+    assert host.svc.publish(COLLIDING[1], b"for secret", mesh.now) == 1
+    assert host.svc.forward(COLLIDING[0], other.cell, b"for chat", mesh.now, True) == 1
+    mesh.settle()
+    assert [d.data for d in reader.deliveries()] == [b"for chat"]
+    assert [d.data for d in other.deliveries()] == [b"for secret"]
+    # The requester refuses to hold two colliding names at one peer...
+    with pytest.raises(LocalProtocolError, match="same channel hash"):
+        reader.svc.subscribe(host.cell, COLLIDING[1], (), mesh.now)
+    # ...and the host refuses a request for the second one sent by hand, keeping the first.
+    replies: list[Reply] = []
+    send_reply = host.svc._reply
+
+    def spy(peer: bytes, reply: Reply, now: float) -> None:
+        replies.append(reply)
+        send_reply(peer, reply, now)
+
+    host.svc._reply = spy  # type: ignore[method-assign]
+    mesh.send_control(reader, host, Request(99, Op.SUBSCRIBE, COLLIDING[1], ()))
+    mesh.settle()
+    assert [(r.allowed, r.reason) for r in replies] == [(False, "hash_collision")]
+    assert reader.svc.drops["unexpected_reply"] == 1  # the host's refusal of request 99
+    grant = host.access.grant(reader.cell, "subscribe", channel_hash(COLLIDING[0]), mesh.wall)
+    assert grant is not None
+    assert grant.channel == COLLIDING[0]
+    assert list(host.svc.subscribers()).count((COLLIDING[0], reader.cell)) == 1
+    assert (COLLIDING[1], reader.cell) not in list(host.svc.subscribers())

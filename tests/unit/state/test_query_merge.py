@@ -246,3 +246,50 @@ def test_random_bytes_never_escape_as_anything_but_decode_errors() -> None:
             view(got.kind, merge(got.kind, {"x": got}).state, None)
     assert outcomes["error"] > 0
     assert sum(outcomes.values()) == 500
+
+
+def _set_answer(elements: dict[str, list[object]]) -> bytes:
+    return (
+        json.dumps(
+            {
+                "ok": True,
+                "fold": "set",
+                "kind": "lww_set",
+                "version": "1",
+                "position": 1,
+                "events": 1,
+                "truncated": False,
+                "state": {"elements": elements},
+            }
+        ).encode()
+        + b"\n"
+    )
+
+
+@pytest.mark.parametrize(
+    "member",
+    [
+        "{not json",  # LwwSet.view would fail parsing it back
+        "a",  # a bare word: the element "a" is keyed '"a"'
+        "[1, 2]",  # JSON, but not canonical: would list [1,2] twice beside "[1,2]"
+        '{"b":1,"a":2}',  # keys not sorted
+        "1e2",  # canonical form is 100.0
+        "NaN",  # parses, but is no JSON value a fold can hold
+        "Infinity",
+        "1" * 5000,  # beyond the interpreter's integer-string limit
+        "[" * 5000 + "]" * 5000,  # too deep to parse
+    ],
+)
+def test_set_answers_with_non_canonical_element_keys_are_decode_errors(member: str) -> None:
+    with pytest.raises(DecodeError):
+        decode_answer(_set_answer({'"ok"': [1, "aa", 1], member: [2, "bb", 1]}))
+
+
+def test_set_answers_with_canonical_element_keys_decode_and_view() -> None:
+    elements: list[JSON] = ["a", 5, 1.5, [1, 2], {"a": 1, "b": [None, True]}, None]
+    members = [dump_state(x) for x in elements]
+    got = decode_answer(_set_answer({m: [1, "aa", 1] for m in members}))
+    assert isinstance(got, Answer)
+    value = view(got.kind, merge(got.kind, {"peer": got}).state, None)
+    assert isinstance(value, list)
+    assert sorted(dump_state(x) for x in value) == sorted(members)
