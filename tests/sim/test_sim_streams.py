@@ -120,9 +120,11 @@ def test_stream_is_byte_exact_through_loss_duplication_and_reordering(
         bandwidth=20e6,
         queue_limit=2_000_000,
     )
-    net = SimNetwork(11, default_link=link)
+    # At 1% the run must really lose packets to prove recovery: 4 MB (~350 packets) on a seed
+    # whose draws drop some (with seed 11 these 350 packets happen to lose none).
+    net = SimNetwork(3 if loss == 0.01 else 11, default_link=link)
     a, b, rx = connected(net)
-    data = payload(300_000 if loss >= 0.3 else 1_000_000)
+    data = payload(300_000 if loss >= 0.3 else 4_000_000 if loss == 0.01 else 1_000_000)
     w = Writer(a, b.core.cell_id, data)
     w.pump()
     assert net.run_until(lambda: w.sid in rx.fin, 600.0), (
@@ -132,7 +134,7 @@ def test_stream_is_byte_exact_through_loss_duplication_and_reordering(
     assert hashlib.blake2b(got).digest() == hashlib.blake2b(data).digest()
     stats = a.core.connection_stats(b.core.cell_id)
     assert stats is not None
-    if loss >= 0.1:
+    if loss > 0:
         assert stats.packets_lost > 0
         assert stats.bytes_retransmitted > 0
     print(

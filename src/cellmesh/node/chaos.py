@@ -941,6 +941,10 @@ class TcpShaper:
                 self._failed += 1
             finally:
                 t_writer.close()
+        except asyncio.CancelledError:
+            # `stop` cancels connection handlers; asyncio's stream server logs a handler that
+            # ends cancelled as an error, so a handler stopped on purpose ends normally.
+            return
         finally:
             writer.close()
             self._tasks.discard(task)
