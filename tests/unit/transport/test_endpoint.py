@@ -313,14 +313,76 @@ def test_dialling_the_wrong_cell_id_fails_cleanly() -> None:
     assert b.statistics().drops["not_for_us"] >= 1
 
 
-def test_responder_identity_mismatch_is_refused() -> None:
-    # A dials an address only (dst zero) but expects a specific CellID through connect(cell_id).
+def test_dialling_an_address_connects_to_whoever_proves_its_identity_there() -> None:
+    # A dials an address only (no expected CellID): the session is with the identity B proved.
     net, a, _aa, b, ba = pair()
     c, _ = net.add(3)
     a.connect(ba, net.now, None)
     net.run()
     assert a.session_for(b.cell_id) is not None
     assert a.session_for(c.cell_id) is None
+
+
+def _with_src(frame: bytes, cell_id: bytes) -> bytes:
+    """`frame` with its header's source CellID (bytes 8-23, docs/wire.md 1) replaced."""
+    return frame[:8] + cell_id + frame[24:]
+
+
+def test_a_response_whose_header_names_another_identity_is_refused() -> None:
+    # B answers, but the header claims C sent the response: the identity B proves inside the
+    # handshake is not the one the header names, so A refuses it (initiator side).
+    net, a, aa, b, ba = pair()
+    c, _ = net.add(3)
+    a.connect(ba, net.now, None)
+    ((init, _),) = a.datagrams_to_send()
+    b.receive_datagram(init, aa, net.now)
+    ((resp, _),) = b.datagrams_to_send()
+    a.receive_datagram(_with_src(resp, c.cell_id), ba, net.now)
+    assert a.statistics().drops["identity_mismatch"] == 1
+    assert a.session_for(b.cell_id) is None
+    assert a.session_for(c.cell_id) is None
+    events = []
+    while (ev := a.next_event()) is not None:
+        events.append(ev)
+    (failed,) = [e for e in events if isinstance(e, HandshakeFailed)]
+    assert "not the CellID we dialled" in failed.reason
+
+
+def test_a_finish_whose_header_names_another_identity_is_refused() -> None:
+    # The responder side: A's FINISH proves A's identity but its header claims C.
+    net, a, aa, b, ba = pair()
+    c, _ = net.add(3)
+    a.connect(ba, net.now, None)
+    ((init, _),) = a.datagrams_to_send()
+    b.receive_datagram(init, aa, net.now)
+    ((resp, _),) = b.datagrams_to_send()
+    a.receive_datagram(resp, ba, net.now)
+    finish = next(d for d, _ in a.datagrams_to_send() if d[1] == FrameType.HANDSHAKE_FINISH)
+    b.receive_datagram(_with_src(finish, c.cell_id), aa, net.now)
+    assert b.statistics().drops["identity_mismatch"] == 1
+    assert b.session_for(a.cell_id) is None
+    assert b.session_for(c.cell_id) is None
+
+
+def test_session_ids_are_random_nonzero_and_distinct() -> None:
+    ids: set[int] = set()
+    net = Net()
+    hub, hub_addr = net.add(100)
+    for port in range(1, 41):
+        ep, _ = net.add(port)
+        ep.connect(hub_addr, net.now)
+    net.run()
+    for ep in net.nodes.values():
+        if ep is hub:
+            continue
+        s = ep.session_for(hub.cell_id)
+        assert s is not None
+        ids.add(s.local_index)
+        hub_side = hub.session_for(ep.cell_id)
+        assert hub_side is not None
+        ids.add(hub_side.local_index)
+    assert 0 not in ids
+    assert len(ids) == 80  # 40 sessions, each side's id its own, none repeated
 
 
 def test_authenticated_peer_sending_garbage_records_is_disconnected() -> None:
