@@ -176,8 +176,9 @@ class Node:
         loop = asyncio.get_running_loop()
         self._loop = loop
         self._udp = UdpSockets(self.config.listen, self.config.recv_buffer)
+        now = loop.time()
         self._endpoint = Endpoint(
-            self.identity, self.config, loop.time(), random.Random(), os.urandom
+            self.identity, self.config, now, random.Random(), os.urandom, time.time() - now
         )
         try:
             self._channels = ChannelDriver(self, self._inspectors)

@@ -165,6 +165,8 @@ MESH_MAC_LEN = 16
 # A retransmitted INIT is answered from cache at most this often: an honest initiator needs a
 # few; a spoofer replaying one INIT at a victim's address gets nothing more.
 MAX_REPEATED_ANSWERS = 4
+MAX_INIT_STAMPS = 65536
+"""Initiators whose newest IK timestamp we remember (as many as peers we could know)."""
 # A peer with data outstanding that answers none of this many probe timeouts, and has been silent
 # at least UNRESPONSIVE_FLOOR seconds (or idle_timeout, if shorter), is declared dead.
 DEAD_AFTER_PTOS = 5
@@ -264,7 +266,10 @@ class Endpoint:
         now: float,
         rng: random.Random | None = None,
         random_bytes: Callable[[int], bytes] = os.urandom,
+        wall_offset: float = 0.0,
     ) -> None:
+        """`wall_offset` turns `now` into Unix time (the node passes time.time() - loop.time()):
+        IK initiations carry a timestamp from it that must grow from one to the next."""
         self.identity = identity
         self.cell_id = identity.cell_id
         self.config = config
@@ -286,6 +291,11 @@ class Endpoint:
         self._initiating: dict[bytes, int] = {}  # CellID or addr key -> initiation index
         self._half_open: OrderedDict[int, _HalfOpen] = OrderedDict()
         self._answered: OrderedDict[bytes, tuple[bytes, float, Addr, int]] = OrderedDict()
+        self._wall_offset = wall_offset
+        self._last_init_stamp = 0
+        self._init_stamps: OrderedDict[bytes, int] = OrderedDict()
+        """Per initiator CellID, the newest IK timestamp accepted: an IK message 1 not above it
+        is a replay (WireGuard's TAI64N rule). Bounded; the oldest entries go first."""
         self._queued: dict[bytes, deque[Message]] = {}
         self._pings: OrderedDict[int, tuple[bytes, float]] = OrderedDict()
         self._out: list[tuple[bytes, Addr]] = []
@@ -1369,6 +1379,9 @@ class Endpoint:
         if res.peer is not None and res.peer.cell_id != h.src:
             self.drops["identity_mismatch"] += 1
             return
+        if res.peer is not None and not self._fresh_init(res.peer.cell_id, res.timestamp_ns):
+            self.drops["init_replay"] += 1
+            return
         frame = (
             pack_header(
                 FrameType.HANDSHAKE_RESP,
@@ -1686,13 +1699,30 @@ class Endpoint:
         self, addr: Addr, now: float, cell_id: bytes | None, static: bytes | None, rekey: bool
     ) -> None:
         idx = self._new_index()
-        hs = InitiatorHandshake(self.identity, idx, remote_static=static)
+        stamp = max(int((now + self._wall_offset) * 1e9), self._last_init_stamp + 1)
+        self._last_init_stamp = stamp  # strictly increasing, whatever the clock does
+        hs = InitiatorHandshake(self.identity, idx, remote_static=static, timestamp_ns=stamp)
         noise = hs.first_message()
         ini = _Initiation(hs, addr, cell_id, noise, now, now, now, rekey)
         self._initiations[idx] = ini
         self._init_by_echo[noise[:16]] = idx
         self._initiating[cell_id if cell_id is not None else _addr_key(addr)] = idx
         self._send_init(ini, now)
+
+    def _fresh_init(self, cell: bytes, stamp: int | None) -> bool:
+        """An IK message 1 from `cell` is new only if its timestamp exceeds every one we
+        accepted from it (a recorded message 1 replayed after the answer cache let it go is not).
+        Retransmissions of one INIT are answered from the answer cache before this check."""
+        if stamp is None:
+            return False
+        last = self._init_stamps.get(cell)
+        if last is not None and stamp <= last:
+            return False
+        self._init_stamps[cell] = stamp
+        self._init_stamps.move_to_end(cell)
+        while len(self._init_stamps) > MAX_INIT_STAMPS:
+            self._init_stamps.popitem(last=False)
+        return True
 
     def _send_init(self, ini: _Initiation, now: float) -> None:
         body = push_init_body(InitBody(ini.hs.pattern, ini.cookie, ini.noise))

@@ -36,7 +36,9 @@ from cellmesh.wire.messages import (
     HandshakePattern,
     HandshakePayload,
     pull_handshake_payload,
+    pull_timestamp_ext,
     push_handshake_payload,
+    push_timestamp_ext,
 )
 
 PROTOCOL_XX = "Noise_XX_25519_ChaChaPoly_BLAKE2s"
@@ -62,9 +64,9 @@ class SessionKeys:
     handshake_hash: bytes
 
 
-def _identity_payload(identity: Identity, sender_index: int) -> bytes:
+def _identity_payload(identity: Identity, sender_index: int, ext: bytes = b"") -> bytes:
     return push_handshake_payload(
-        HandshakePayload(sender_index, identity.public_key, identity.static_binding())
+        HandshakePayload(sender_index, identity.public_key, identity.static_binding(), ext)
     )
 
 
@@ -93,9 +95,12 @@ class InitiatorHandshake:
         sender_index: int,
         remote_static: bytes | None = None,
         ephemeral: X25519PrivateKey | None = None,
+        timestamp_ns: int = 0,
     ) -> None:
         self.identity = identity
         self.sender_index = sender_index
+        self.timestamp_ns = timestamp_ns
+        """IK only: strictly increasing per initiator, so a responder refuses a replay."""
         self.pattern = HandshakePattern.IK if remote_static is not None else HandshakePattern.XX
         self._hs = HandshakeState.initialize(
             PROTOCOL_IK if remote_static is not None else PROTOCOL_XX,
@@ -109,7 +114,8 @@ class InitiatorHandshake:
     def first_message(self) -> bytes:
         """The Noise bytes of message 1."""
         if self.pattern is HandshakePattern.IK:
-            return self._hs.write_message(_identity_payload(self.identity, self.sender_index))
+            ext = push_timestamp_ext(self.timestamp_ns)
+            return self._hs.write_message(_identity_payload(self.identity, self.sender_index, ext))
         return self._hs.write_message(push_handshake_payload(HandshakePayload(self.sender_index)))
 
     def read_response(self, message: bytes) -> tuple[PeerIdentity, int, bytes | None, SessionKeys]:
@@ -136,6 +142,8 @@ class ResponderResult:
     # Set for IK, where the initiator is authenticated by message 1 and keys exist after message 2.
     peer: PeerIdentity | None
     keys: SessionKeys | None
+    timestamp_ns: int | None = None
+    """IK: the initiator's timestamp (the responder refuses one not above the last it saw)."""
 
 
 class ResponderHandshake:
@@ -158,13 +166,15 @@ class ResponderHandshake:
         payload = pull_handshake_payload(self._hs.read_message(message))
         self.initiator_index = payload.sender_index
         peer: PeerIdentity | None = None
+        timestamp: int | None = None
         if self.pattern is HandshakePattern.IK:
             peer = _authenticate_peer(payload, self._hs.remote_static)
+            timestamp = pull_timestamp_ext(payload.ext)
         elif payload.identity is not None:
             raise MalformedError("XX message 1 must not carry an identity (it is sent in clear)")
         response = self._hs.write_message(_identity_payload(self.identity, self.sender_index))
         keys = _split(self._hs, initiator=False) if self.pattern is HandshakePattern.IK else None
-        return ResponderResult(payload.sender_index, response, peer, keys)
+        return ResponderResult(payload.sender_index, response, peer, keys, timestamp)
 
     def read_finish(self, message: bytes) -> tuple[PeerIdentity, SessionKeys]:
         """Read XX message 3: authenticates the initiator and yields the session keys."""

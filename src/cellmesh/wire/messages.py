@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import ipaddress
 import struct
+from collections.abc import Sequence
 from dataclasses import dataclass
 from enum import IntEnum
 
@@ -614,6 +615,60 @@ _HS_FIXED = struct.Struct("!BQB")
 ED25519_PUB_LEN = 32
 BINDING_SIG_LEN = 64
 MAX_HANDSHAKE_EXT = 512
+
+
+EXT_TIMESTAMP = 0x01
+"""Extension: u64 BE nanoseconds, strictly increasing per initiator (IK message 1 carries it so
+that a responder can refuse a replayed message 1; docs/wire.md 4.2)."""
+_EXT_HEAD = struct.Struct("!BB")
+
+
+def push_extensions(items: Sequence[tuple[int, bytes]]) -> bytes:
+    """Encode handshake extensions: each one type (u8), length (u8), value."""
+    out = bytearray()
+    for kind, value in items:
+        if not 0 <= kind <= 255 or len(value) > 255:
+            raise MalformedError("an extension has a u8 type and at most 255 bytes of value")
+        out += _EXT_HEAD.pack(kind, len(value)) + value
+    if len(out) > MAX_HANDSHAKE_EXT:
+        raise OversizeError("handshake extensions too large")
+    return bytes(out)
+
+
+def pull_extensions(ext: bytes) -> dict[int, bytes]:
+    """Decode handshake extensions into {type: value}; a type seen twice, or an extension cut
+    short, is `MalformedError` (unknown types are returned and ignored by their reader)."""
+    out: dict[int, bytes] = {}
+    pos = 0
+    while pos < len(ext):
+        if len(ext) - pos < _EXT_HEAD.size:
+            raise MalformedError("handshake extension header cut short")
+        kind, n = _EXT_HEAD.unpack_from(ext, pos)
+        pos += _EXT_HEAD.size
+        if len(ext) - pos < n:
+            raise MalformedError("handshake extension value cut short")
+        if kind in out:
+            raise MalformedError(f"handshake extension {kind} repeated")
+        out[kind] = bytes(ext[pos : pos + n])
+        pos += n
+    return out
+
+
+def push_timestamp_ext(ns: int) -> bytes:
+    """The extensions of an IK message 1: its timestamp."""
+    if not 0 <= ns < 2**64:
+        raise MalformedError("timestamp out of range")
+    return push_extensions([(EXT_TIMESTAMP, ns.to_bytes(8, "big"))])
+
+
+def pull_timestamp_ext(ext: bytes) -> int | None:
+    """The timestamp among `ext`'s extensions (None if it has none)."""
+    value = pull_extensions(ext).get(EXT_TIMESTAMP)
+    if value is None:
+        return None
+    if len(value) != 8:
+        raise MalformedError("a timestamp extension is 8 bytes")
+    return int.from_bytes(value, "big")
 
 
 @dataclass(frozen=True, slots=True)

@@ -7,13 +7,23 @@ import random
 import pytest
 
 from cellmesh.config import NodeConfig
-from cellmesh.errors import LocalProtocolError, RemoteProtocolError
+from cellmesh.errors import LocalProtocolError, MalformedError, RemoteProtocolError
 from cellmesh.identity.keys import Identity
 from cellmesh.transport.connection import Connection, TransportParams
 from cellmesh.transport.endpoint import MAX_REPEATED_ANSWERS, Endpoint
 from cellmesh.transport.stream import MAX_CHUNKS, RecvStream
-from cellmesh.wire.header import FrameType, pull_header
-from cellmesh.wire.messages import Ping, StreamFrame, pull_messages, push_message
+from cellmesh.wire.header import HEADER_LEN, FrameType, pull_header
+from cellmesh.wire.messages import (
+    HandshakePattern,
+    Ping,
+    StreamFrame,
+    pull_extensions,
+    pull_messages,
+    pull_timestamp_ext,
+    push_extensions,
+    push_message,
+    push_timestamp_ext,
+)
 
 CONFIG = NodeConfig(listen=("127.0.0.1:0",))
 
@@ -149,3 +159,56 @@ def test_initiator_refuses_a_responder_that_is_not_on_its_allowlist() -> None:
     _exchange(a, b)
     assert a.session_for(b.cell_id) is None
     assert a.statistics().drops["not_allowed"] >= 1
+
+
+def test_a_replayed_ik_init_is_refused_once_the_answer_cache_forgot_it() -> None:
+    # IK message 1 authenticates the initiator at once, so without a timestamp a recorded one
+    # would make the responder do the handshake again whenever it was replayed.
+    a = Endpoint(Identity.generate(), CONFIG, 0.0, random.Random(1))
+    b = Endpoint(Identity.generate(), CONFIG, 0.0, random.Random(2))
+
+    def exchange(t: float) -> None:
+        for _ in range(6):
+            for d, _ in a.datagrams_to_send():
+                b.receive_datagram(d, ("a", 1), t)
+            for d, _ in b.datagrams_to_send():
+                a.receive_datagram(d, ("b", 1), t)
+
+    a.connect(("b", 1), 0.0)  # XX: A learns B's static key
+    exchange(0.0)
+    a.close_peer(b.cell_id, 1.0)
+    exchange(1.0)
+    a.connect(("b", 1), 2.0, b.cell_id)  # IK now
+    ((init, _),) = a.datagrams_to_send()
+    assert init[HEADER_LEN] & 0x7F == HandshakePattern.IK
+    b.receive_datagram(init, ("a", 1), 2.0)
+    ((resp, _),) = b.datagrams_to_send()
+    assert pull_header(resp).type is FrameType.HANDSHAKE_RESP
+    a.receive_datagram(resp, ("b", 1), 2.0)
+    exchange(2.0)
+    assert a.session_for(b.cell_id) is not None
+    done = b.statistics().handshakes_completed
+    b.handle_timer(30.0)  # long after the answer cache let the INIT go
+    b.datagrams_to_send()
+    b.receive_datagram(init, ("10.9.9.9", 9), 30.0)  # replayed, from anywhere
+    assert b.datagrams_to_send() == []
+    assert b.statistics().drops["init_replay"] == 1
+    assert b.statistics().handshakes_completed == done
+    # A's next IK initiation carries a newer timestamp and is accepted.
+    a.close_peer(b.cell_id, 31.0)
+    exchange(31.0)
+    a.connect(("b", 1), 32.0, b.cell_id)
+    exchange(32.0)
+    assert a.session_for(b.cell_id) is not None
+    assert b.statistics().handshakes_completed == done + 1
+    assert b.statistics().drops["init_replay"] == 1
+
+
+def test_handshake_extensions_round_trip_and_reject_damage() -> None:
+    ext = push_timestamp_ext(123456789)
+    assert pull_timestamp_ext(ext) == 123456789
+    assert pull_timestamp_ext(b"") is None
+    assert pull_extensions(push_extensions([(7, b"xy"), (1, bytes(8))])) == {7: b"xy", 1: bytes(8)}
+    for bad in (ext[:5], ext + ext, b"\x01\x04abcd", b"\x09"):
+        with pytest.raises(MalformedError):
+            pull_timestamp_ext(bad)
