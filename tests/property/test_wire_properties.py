@@ -42,14 +42,18 @@ from cellmesh.wire.messages import (
     Ping,
     Pong,
     pull_cookie_reply,
+    pull_extensions,
     pull_handshake_payload,
     pull_init_body,
     pull_messages,
+    pull_timestamp_ext,
     push_cookie_reply,
+    push_extensions,
     push_handshake_payload,
     push_init_body,
     push_message,
     push_messages,
+    push_timestamp_ext,
 )
 
 PROPS = settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -132,6 +136,10 @@ VALID_ENCODINGS: dict[str, st.SearchStrategy[bytes]] = {
     "init_body": init_bodies.map(push_init_body),
     "cookie_reply": cookie_replies.map(push_cookie_reply),
     "handshake_payload": handshake_payloads().map(push_handshake_payload),
+    "handshake_extensions": st.lists(
+        st.tuples(u8, st.binary(max_size=40)), max_size=6, unique_by=lambda kv: kv[0]
+    ).map(push_extensions),
+    "timestamp_extension": st.integers(0, 2**64 - 1).map(push_timestamp_ext),
 }
 
 
@@ -145,6 +153,8 @@ DECODERS: dict[str, Callable[[bytes], object]] = {
     "init_body": pull_init_body,
     "cookie_reply": pull_cookie_reply,
     "handshake_payload": pull_handshake_payload,
+    "handshake_extensions": pull_extensions,
+    "timestamp_extension": pull_timestamp_ext,
 }
 
 
