@@ -15,13 +15,17 @@ from __future__ import annotations
 
 import contextlib
 import errno
+import logging
 import socket
 import struct
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass
 
 from cellmesh.config import parse_host_port
+
+log = logging.getLogger("cellmesh.udp")
 
 Addr = tuple[str, int]
 MAX_BATCH = 512
@@ -88,6 +92,8 @@ class UdpStats:
     recv_errors: int = 0
     gso_batches: int = 0
     gro_batches: int = 0
+    deliver_errors: int = 0
+    """Datagrams whose handling raised (a bug: the cores promise never to raise on input)."""
 
 
 class UdpSockets:
@@ -96,6 +102,7 @@ class UdpSockets:
     def __init__(self, listen: tuple[str, ...], recv_buffer: int) -> None:
         self.sockets: list[socket.socket] = []
         self.stats = UdpStats()
+        self._last_deliver_log = -60.0
         self._backlog: deque[tuple[socket.socket, bytes, tuple[object, ...]]] = deque()
         self._v4: socket.socket | None = None
         self._v6: socket.socket | None = None
@@ -338,8 +345,22 @@ class UdpSockets:
                 n += 1
                 continue
             n += 1
-            deliver(data, normalize_addr(raw))
+            try:
+                deliver(data, normalize_addr(raw))
+            except Exception:  # noqa: BLE001 - logged with its traceback by _deliver_failed
+                self._deliver_failed()
         return n
+
+    def _deliver_failed(self) -> None:
+        """One datagram's handling raised: count it, log it (at most once a minute), and go on
+        with the batch, so a bug costs one datagram and never the node's receive path."""
+        self.stats.deliver_errors += 1
+        now = time.monotonic()
+        if now - self._last_deliver_log >= 60.0:
+            self._last_deliver_log = now
+            log.exception(
+                "handling a received datagram failed (%d so far)", self.stats.deliver_errors
+            )
 
     def _drain_gro(
         self, sock: socket.socket, deliver: Callable[[bytes, Addr], None], limit: int
@@ -364,10 +385,14 @@ class UdpSockets:
                     seg = int.from_bytes(value[:4], "little" if _LITTLE else "big")
             if seg and len(data) > seg:
                 self.stats.gro_batches += 1
-                for off in range(0, len(data), seg):
-                    deliver(data[off : off + seg], addr)
+                parts = [data[off : off + seg] for off in range(0, len(data), seg)]
             else:
-                deliver(data, addr)
+                parts = [data]
+            for part in parts:
+                try:
+                    deliver(part, addr)
+                except Exception:  # noqa: BLE001 - logged with its traceback by _deliver_failed
+                    self._deliver_failed()
         return n
 
     def close(self) -> None:

@@ -70,3 +70,29 @@ def test_mixed_sizes_and_destinations_keep_their_order() -> None:
     finally:
         for u in (tx, rx1, rx2):
             u.close()
+
+
+def test_a_datagram_whose_handling_raises_costs_only_itself() -> None:
+    tx = UdpSockets(("127.0.0.1:0",), 1 << 20)
+    rx = UdpSockets(("127.0.0.1:0",), 1 << 20)
+    try:
+        dst = rx.local_addresses()[0]
+        sent = _datagrams()
+        tx.send_many([(d, dst) for d in sent])
+        got: list[bytes] = []
+
+        def deliver(data: bytes, addr: Addr) -> None:
+            if data[0] == 3:
+                raise RuntimeError("a bug in the receive path")
+            got.append(data)
+
+        sock = rx.sockets[0]
+        while len(got) + rx.stats.deliver_errors < len(sent):
+            ready, _, _ = select.select([sock], [], [], 2.0)
+            assert ready
+            rx.drain(sock, deliver)
+        assert rx.stats.deliver_errors == 1
+        assert got == [d for d in sent if d[0] != 3]
+    finally:
+        tx.close()
+        rx.close()
