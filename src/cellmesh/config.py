@@ -38,6 +38,7 @@ __all__ = [
     "config_fields",
     "env_var_name",
     "load_config",
+    "parse_beacon_tags",
     "parse_host_port",
     "render_default_config",
 ]
@@ -53,6 +54,13 @@ LOG_FORMATS: Final = ("text", "json")
 
 MAX_NAME_LEN: Final = 64
 _CAPABILITY_NAME: Final = re.compile(r"[a-z0-9][a-z0-9_.-]{0,31}")
+# The beacon codec's tag limits (cellmesh.discovery.beacon), restated because the transport
+# layer imports this module and must not depend on discovery; a unit test keeps them equal.
+MAX_BEACON_TAGS: Final = 8
+MAX_BEACON_TAG_KEY: Final = 16
+MAX_BEACON_TAG_VALUE: Final = 64
+MAX_BEACON_TAG_BYTES: Final = 256
+_CONTROL_CHAR: Final = re.compile(r"[\x00-\x1f\x7f-\x9f]")
 MIN_REPLAY_WINDOW: Final = 2048
 MAX_REPLAY_WINDOW: Final = 1 << 20
 MAX_REKEY_AFTER_PACKETS: Final = 1 << 63
@@ -206,17 +214,62 @@ class NodeConfig:
         default=(),
         metadata=_doc("CellIDs whose datagrams are dropped on arrival, before any cryptography."),
     )
+    mesh_authorities: tuple[str, ...] = field(
+        default=(),
+        metadata=_doc(
+            "Ed25519 public keys (64 hex) of mesh authorities: discovery admits a peer whose "
+            "beacons carry a valid membership certificate signed by one of them (with allowlist "
+            "too, either admits). Empty: certificates are not asked for."
+        ),
+    )
+    membership_cert: str = field(
+        default="",
+        metadata=_doc(
+            "This node's membership certificate (`cellmesh mesh cert issue`), a file relative to "
+            "the home directory, carried in every beacon; it must be for this node's CellID and "
+            "mesh_name, unexpired and validly signed. Empty: none."
+        ),
+    )
     node_type: str = field(default="", metadata=_doc("Node role announced in beacons (NX0_TYPE)."))
     zone: str = field(default="", metadata=_doc("Logical zone announced in beacons (NX0_ZONE)."))
     ego: int = field(
-        default=0, metadata=_doc("Seniority score 0-100 announced in beacons (NX0_EGO).")
+        default=0,
+        metadata=_doc(
+            "Seniority score 0-100 announced in beacons (NX0_EGO); the anchor election counts "
+            "a peer's higher ego (the wire carries 0-255) as 100."
+        ),
     )
     discovery_port: int = field(
         default=19541, metadata=_doc("UDP port of the discovery multicast group (NX0_PORT).")
     )
     discovery_groups: tuple[str, ...] = field(
         default=("ff02::1",),
-        metadata=_doc("Multicast groups for beacons; add 224.0.0.1 for the IPv4 fallback."),
+        metadata=_doc(
+            "Multicast groups for beacons. Interfaces without IPv6 fall back to IPv4 224.0.0.1 "
+            "on their own; IPv4 groups listed here replace that group."
+        ),
+    )
+    announce_storage: bool = field(
+        default=False,
+        metadata=_doc(
+            "Announce the storage capability in beacons (a hint for peers choosing where to "
+            "keep data; it does not turn the blob store on or off)."
+        ),
+    )
+    bandwidth_class: int = field(
+        default=0,
+        metadata=_doc(
+            "Bandwidth class 0-15 announced in beacons: a coarse log scale the operator chooses "
+            "(0: not said)."
+        ),
+    )
+    beacon_tags: tuple[str, ...] = field(
+        default=(),
+        metadata=_doc(
+            "Key/value tags announced in beacons, as 'KEY=VALUE' (at most 8; KEY 1-16 bytes, "
+            "VALUE at most 64, 256 bytes in all). Unlike capabilities, which are signed adverts "
+            "exchanged with connected peers, these reach every node on the link."
+        ),
     )
     anchor: bool = field(
         default=True,
@@ -606,6 +659,41 @@ def _parse_text(name: str, kind: str, text: str, label: str) -> object:
 # --- validation ------------------------------------------------------------------------------
 
 
+def parse_beacon_tags(entries: tuple[str, ...]) -> tuple[tuple[str, str], ...]:
+    """`beacon_tags` entries ('KEY=VALUE') as the (key, value) pairs a beacon carries.
+
+    Raises `ValueError` naming the first entry the beacon codec would refuse (no '=', a key of
+    0 or more than 16 bytes, a value over 64 bytes, control characters, a repeated key, more
+    than 8 tags or more than 256 bytes in all), so a bad tag stops the config, not discovery.
+    """
+    if len(entries) > MAX_BEACON_TAGS:
+        raise ValueError(f"{len(entries)} tags, at most {MAX_BEACON_TAGS} are allowed")
+    tags: dict[str, str] = {}
+    total = 0
+    for entry in entries:
+        key, sep, value = entry.partition("=")
+        shown = repr(entry[:40])
+        if not sep:
+            raise ValueError(f"entry {shown} must be KEY=VALUE")
+        klen, vlen = len(key.encode()), len(value.encode())
+        if not 1 <= klen <= MAX_BEACON_TAG_KEY:
+            raise ValueError(f"entry {shown}: the key must be 1 to {MAX_BEACON_TAG_KEY} bytes")
+        if vlen > MAX_BEACON_TAG_VALUE:
+            raise ValueError(f"entry {shown}: the value is over {MAX_BEACON_TAG_VALUE} bytes")
+        if _CONTROL_CHAR.search(entry):
+            raise ValueError(f"entry {shown} contains a control character")
+        if key in tags:
+            raise ValueError(f"entry {shown} repeats the key {key!r}")
+        tags[key] = value
+        total += klen + vlen
+        if total > MAX_BEACON_TAG_BYTES:
+            raise ValueError(
+                f"entry {shown} brings the tags to {total} bytes, the limit is "
+                f"{MAX_BEACON_TAG_BYTES}"
+            )
+    return tuple(tags.items())
+
+
 def _problems(v: Mapping[str, Any]) -> Iterator[tuple[tuple[str, ...], str]]:
     """Yield (fields involved, message) for every invalid value of already-typed settings."""
 
@@ -717,7 +805,22 @@ def _problems(v: Mapping[str, Any]) -> Iterator[tuple[tuple[str, ...], str]]:
                     (list_name,),
                     f"{list_name} entry {cell[:40]!r} is not a 32-hex-character CellID",
                 )
+    # The beacon carries a u8, but the anchor election clamps egos to 0..100 (docs/anchor.md):
+    # refusing more here keeps an operator from announcing a seniority that counts as 100.
     yield from int_range("ego", 0, 100)
+    for key in v["mesh_authorities"]:
+        if len(key) != 64 or any(c not in "0123456789abcdefABCDEF" for c in key):
+            yield (
+                ("mesh_authorities",),
+                f"mesh_authorities entry {key[:40]!r} is not a 64-hex-character Ed25519 public key",
+            )
+    if v["membership_cert"] and not v["membership_cert"].strip():
+        yield (("membership_cert",), "membership_cert must be a file name, or empty for none")
+    yield from int_range("bandwidth_class", 0, 15)
+    try:
+        parse_beacon_tags(v["beacon_tags"])
+    except ValueError as exc:
+        yield (("beacon_tags",), f"beacon_tags: {exc}")
     if not (
         math.isfinite(v["route_update_interval"]) and 1.0 <= v["route_update_interval"] <= 3600
     ):

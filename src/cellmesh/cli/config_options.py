@@ -1,7 +1,7 @@
 """CLI flags generated from `NodeConfig`, so the flags, the TOML keys and the env vars never drift.
 
 Each field becomes `--field-name` (tuple fields named in the plural become a repeatable singular flag:
-`peers` -> `--peer`), with its docstring as help text and its environment variable named in the help.
+`peers` -> `--peer`, `capabilities` -> `--capability`), with its docstring as help text and its environment variable named in the help.
 """
 
 from __future__ import annotations
@@ -16,8 +16,22 @@ from cellmesh.config import config_fields
 F = TypeVar("F", bound=Callable[..., Any])
 
 
+def _singular(name: str) -> str:
+    """The singular of a plural field name, for a repeatable flag that takes one item.
+
+    Only the last word changes: `capabilities` -> `capability`, `mesh_authorities` ->
+    `mesh_authority`, `peers` -> `peer`; names that are not plurals (`listen`, `allowlist`, or
+    one ending in "ss") are kept, so no flag gets a truncated name like `--capabilitie`.
+    """
+    if name.endswith("ies"):
+        return name[:-3] + "y"
+    if name.endswith("s") and not name.endswith("ss"):
+        return name[:-1]
+    return name
+
+
 def _flag_name(name: str, is_tuple: bool) -> str:
-    base = name[:-1] if is_tuple and name.endswith("s") else name
+    base = _singular(name) if is_tuple else name
     return "--" + base.replace("_", "-")
 
 

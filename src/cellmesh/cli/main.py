@@ -24,6 +24,7 @@ from cellmesh.cli.anchor_cmd import anchor_cmd
 from cellmesh.cli.channel_cmds import caps_cmd, channel_group, channels_cmd
 from cellmesh.cli.chaos_cmd import chaos_relay
 from cellmesh.cli.config_options import config_options, overrides_from
+from cellmesh.cli.mesh_cmds import mesh_group
 from cellmesh.cli.routing_cmds import routes_cmd, trace_cmd
 from cellmesh.cli.state_cmds import (
     blob_group,
@@ -40,7 +41,7 @@ from cellmesh.identity.cellid import format_cell_id, parse_cell_id
 from cellmesh.node.control import ControlClient, ControlServer
 from cellmesh.node.home import NodeHome
 from cellmesh.node.logs import configure_logging
-from cellmesh.node.node import Node, env_snapshot
+from cellmesh.node.node import Node, discovery_settings_from, env_snapshot
 from cellmesh.node.transfer import TransferService
 
 T = TypeVar("T")
@@ -182,13 +183,16 @@ def node_cmd(obj: Ctx, /, **flags: Any) -> None:
     try:
         config = obj.home.load_config(obj.env, overrides_from(flags))
         identity = obj.home.load_identity(obj.passphrase())
+        # Built here rather than in node.start() so that a bad membership certificate is a
+        # one-line error before anything binds, not a failure half-way through start-up.
+        discovery = discovery_settings_from(config, identity.cell_id) if config.discovery else None
     except CellmeshError as exc:
         fail(str(exc))
         return
     configure_logging(config.log_level, config.log_format)
 
     async def main() -> None:
-        node = Node(identity, config)
+        node = Node(identity, config, discovery)
         transfers = TransferService(node, obj.home.inbox_path)
         server = ControlServer(node, obj.home.control_socket_path, transfers)
         await server.start()  # first: it refuses if another node already runs on this home
@@ -294,6 +298,16 @@ def status_cmd(obj: Ctx, as_json: bool) -> None:
         out.print("[bold]dropped[/]   " + ", ".join(f"{k}={v}" for k, v in drops.items()))
     else:
         out.print("[bold]dropped[/]   nothing")
+    d = st.get("discovery")
+    if d is None:
+        out.print("[bold]discovery[/] off")
+        return
+    out.print(
+        f"[bold]discovery[/] mesh {d['mesh_name']!r}, {d['peers']} peers; received "
+        f"{d['received']} frames, admitted {d['admitted']}"
+    )
+    if d["drops"]:
+        out.print("[bold]refused[/]   " + ", ".join(f"{k}={v}" for k, v in d["drops"].items()))
 
 
 @cli.command("ping")
@@ -407,6 +421,7 @@ cli.add_command(fold_cmd)
 cli.add_command(query_cmd)
 cli.add_command(sync_cmd)
 cli.add_command(blob_group)
+cli.add_command(mesh_group)
 
 
 def main() -> None:

@@ -98,7 +98,8 @@ class DiscoverySettings:
     tags: tuple[tuple[str, str], ...] = ()
     """Small key/value tags announced to peers (at most 8; 256 bytes in all)."""
     group_hosts: tuple[str, ...] = (DEFAULT_GROUP_V6,)
-    """Multicast groups beacons are sent to. Add DEFAULT_GROUP_V4 for the IPv4 fallback."""
+    """Multicast groups beacons are sent to. The node driver sends to DEFAULT_GROUP_V4 on its own
+    on interfaces without IPv6; an IPv4 group listed here takes its place."""
     group_port: int = DEFAULT_PORT
     """UDP port of the multicast groups (NX0_PORT)."""
     adaptive: bool = True

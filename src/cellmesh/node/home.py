@@ -340,12 +340,16 @@ class NodeHome:
         blob_dir = config.blob_dir
         if blob_dir and not Path(blob_dir).is_absolute():
             blob_dir = str(self._path / blob_dir)
+        membership_cert = config.membership_cert
+        if membership_cert and not Path(membership_cert).is_absolute():
+            membership_cert = str(self._path / membership_cert)
         return dataclasses.replace(
             config,
             policy_file=policy_file,
             threat_list=threat_list,
             database=database,
             blob_dir=blob_dir,
+            membership_cert=membership_cert,
         )
 
     def write_default_config(self) -> bool:

@@ -19,7 +19,7 @@ from collections.abc import Mapping
 from types import TracebackType
 from typing import Any
 
-from cellmesh.config import NodeConfig, parse_host_port
+from cellmesh.config import NodeConfig, parse_beacon_tags, parse_host_port
 from cellmesh.discovery.beacon import Capabilities
 from cellmesh.discovery.settings import DiscoverySettings
 from cellmesh.errors import LocalProtocolError, PeerUnreachableError
@@ -30,6 +30,7 @@ from cellmesh.node.anchor import ANCHOR_MAGIC, AnchorDriver
 from cellmesh.node.blob_service import BlobService
 from cellmesh.node.channels import ChannelDriver
 from cellmesh.node.discovery import DiscoveryDriver
+from cellmesh.node.membership import cert_dict, load_membership_cert, session_admission
 from cellmesh.node.routing import RoutingDriver
 from cellmesh.node.services import StreamServices
 from cellmesh.node.state import StateDriver
@@ -174,12 +175,22 @@ class Node:
     async def start(self) -> None:
         """Bind sockets, start the core, dial static peers."""
         loop = asyncio.get_running_loop()
+        # Settings first: a bad membership certificate is a ConfigError before anything is bound.
+        settings = self._discovery_settings
+        if settings is None and self.config.discovery:
+            settings = discovery_settings_from(self.config, self.cell_id)
+        membership = settings
+        if membership is None and (self.config.mesh_authorities or self.config.membership_cert):
+            membership = discovery_settings_from(self.config, self.cell_id)
         self._loop = loop
         self._udp = UdpSockets(self.config.listen, self.config.recv_buffer)
         now = loop.time()
         self._endpoint = Endpoint(
             self.identity, self.config, now, random.Random(), os.urandom, time.time() - now
         )
+        if membership is not None:
+            # Certificates gate sessions too, not only discovery (node/membership.py).
+            self._endpoint.set_membership(*session_admission(membership))
         try:
             self._channels = ChannelDriver(self, self._inspectors)
         except BaseException:
@@ -213,9 +224,6 @@ class Node:
                 log.warning("static peer skipped: %s", exc)
                 continue
             self._endpoint.add_static_peer(addr, loop.time())
-        settings = self._discovery_settings
-        if settings is None and self.config.discovery:
-            settings = discovery_settings_from(self.config)
         if settings is not None and any(
             host in ("::", "0.0.0.0") for host, _ in self.local_addresses()
         ):
@@ -745,8 +753,60 @@ class Node:
                 "send_errors": udp.send_errors if udp else 0,
                 "send_dropped": udp.send_dropped if udp else 0,
                 "recv_errors": udp.recv_errors if udp else 0,
+                "deliver_errors": udp.deliver_errors if udp else 0,
             },
             "inbox_dropped": self.inbox_dropped,
+            "discovery": self.discovery_status(),
+        }
+
+    def discovery_status(self) -> dict[str, Any] | None:
+        """Discovery's counters and what this node announces, or None when it is not running.
+
+        Refused beacons and SOLICITs never reach the transport, so without these counters a
+        node that hears nobody (wrong mesh key, missing certificate, skewed clock) would look
+        exactly like one alone on its link.
+        """
+        disc = self.discovery
+        core = disc.core if disc is not None else None
+        if disc is None or core is None:
+            return None
+        s = disc.settings
+        st = core.statistics()
+        return {
+            "mesh_name": s.mesh_name,
+            "keyed": s.mesh_key is not None,
+            "peers": st.peers,
+            "received": st.datagrams_received,
+            "admitted": st.beacons_accepted + st.solicits_accepted,
+            "beacons_accepted": st.beacons_accepted,
+            "solicits_accepted": st.solicits_accepted,
+            "beacons_sent": st.beacons_sent,
+            "replies_sent": st.replies_sent,
+            "solicits_sent": st.solicits_sent,
+            "suppressed": st.suppressed,
+            "forced": st.forced,
+            "introductions": st.introductions,
+            "asks": st.asks,
+            "trickle_interval_s": round(st.trickle_interval, 3),
+            "announce_interval_s": round(st.announce_interval, 3),
+            "drops": dict(sorted((k, v) for k, v in st.drops.items() if v)),
+            "announced": {
+                "capabilities": {
+                    "relay": s.caps.relay,
+                    "storage": s.caps.storage,
+                    "anchor_eligible": s.caps.anchor_eligible,
+                    "bandwidth_class": s.caps.bandwidth_class,
+                },
+                "tags": dict(s.tags),
+                "ego": s.ego,
+            },
+            "admission": {
+                "allowlist": len(s.allowlist) if s.allowlist is not None else None,
+                "authorities": sorted(k.hex() for k in s.authority_keys),
+                "membership_cert": cert_dict(s.membership_cert)
+                if s.membership_cert is not None
+                else None,
+            },
         }
 
 
@@ -792,19 +852,48 @@ def peer_dict(p: PeerInfo) -> dict[str, Any]:
     }
 
 
-def discovery_settings_from(config: NodeConfig) -> DiscoverySettings:
-    """The discovery settings a `NodeConfig` describes (mesh key read by the caller's config)."""
+def discovery_settings_from(
+    config: NodeConfig, cell_id: bytes | None = None, wall: float | None = None
+) -> DiscoverySettings:
+    """The discovery settings a `NodeConfig` describes (mesh key read by the caller's config).
+
+    Reads and checks the `membership_cert` file (a relative path is taken from the working
+    directory: `NodeHome.load_config` has already made it absolute against the home) against
+    `cell_id` (this node; None skips that check) at Unix time `wall` (default now). Raises
+    `ConfigError` for a certificate discovery could not use.
+    """
     groups: tuple[str, ...] = tuple(config.discovery_groups)
     allow = frozenset(parse_cell_id(c) for c in config.allowlist) if config.allowlist else None
+    cert = (
+        load_membership_cert(
+            config.membership_cert,
+            cell_id=cell_id,
+            mesh_name=config.mesh_name,
+            wall=time.time() if wall is None else wall,
+        )
+        if config.membership_cert
+        else None
+    )
+    caps = Capabilities(
+        # Frames are relayed only along routes, which the routing protocol advertises: a node
+        # without routing never relays, whatever config.relay says.
+        relay=config.relay and config.routing,
+        storage=config.announce_storage,
+        anchor_eligible=config.anchor,  # node/anchor.py: who may hold the role
+        bandwidth_class=config.bandwidth_class,
+    )
     return DiscoverySettings(
         mesh_name=config.mesh_name,
         mesh_key=bytes.fromhex(config.mesh_key) if config.mesh_key else None,
         allowlist=allow,
+        authority_keys=frozenset(bytes.fromhex(k) for k in config.mesh_authorities),
+        membership_cert=cert,
         name=config.name,
         node_type=config.node_type,
         zone=config.zone,
         ego=config.ego,
-        caps=Capabilities(anchor_eligible=config.anchor),  # node/anchor.py: who may hold the role
+        caps=caps,
+        tags=parse_beacon_tags(config.beacon_tags),
         group_hosts=groups,
         group_port=config.discovery_port,
     )

@@ -127,6 +127,7 @@ from cellmesh.wire.messages import (
     Route,
     Trace,
     pull_cookie_reply,
+    pull_extensions,
     pull_init_body,
     pull_messages,
     push_cookie_reply,
@@ -292,6 +293,8 @@ class Endpoint:
         self._half_open: OrderedDict[int, _HalfOpen] = OrderedDict()
         self._answered: OrderedDict[bytes, tuple[bytes, float, Addr, int]] = OrderedDict()
         self._wall_offset = wall_offset
+        self._own_ext = b""
+        self._member_check: Callable[[bytes, dict[int, bytes]], str | None] | None = None
         self._last_init_stamp = 0
         self._init_stamps: OrderedDict[bytes, int] = OrderedDict()
         """Per initiator CellID, the newest IK timestamp accepted: an IK message 1 not above it
@@ -1370,7 +1373,7 @@ class Endpoint:
         if not self._admit_handshake(body, addr, now):
             return
         local_index = self._new_index()
-        rh = ResponderHandshake(self.identity, local_index, body.pattern)
+        rh = ResponderHandshake(self.identity, local_index, body.pattern, self._own_ext)
         try:
             res = rh.read_init(body.noise)
         except (DecodeError, CryptoError):
@@ -1381,6 +1384,9 @@ class Endpoint:
             return
         if res.peer is not None and not self._fresh_init(res.peer.cell_id, res.timestamp_ns):
             self.drops["init_replay"] += 1
+            return
+        if res.peer is not None and self._membership_refusal(res.peer.cell_id, res.ext):
+            self.drops["not_member"] += 1
             return
         frame = (
             pack_header(
@@ -1475,6 +1481,16 @@ class Endpoint:
                 HandshakeFailed(ini.addr, ini.expected_cell, "peer is not the CellID we dialled")
             )
             return
+        refusal = self._membership_refusal(peer.cell_id, ini.hs.peer_ext)
+        if refusal is not None:
+            self.drops["not_member"] += 1
+            self._end_initiation(h.session_id)
+            self._events.append(
+                HandshakeFailed(
+                    ini.addr, ini.expected_cell, f"peer is not a member of the mesh ({refusal})"
+                )
+            )
+            return
         self._end_initiation(h.session_id)
         s = self._new_session(
             peer, keys, h.session_id, remote_index, addr, initiator=True, confirmed=False, now=now
@@ -1532,6 +1548,9 @@ class Endpoint:
         del self._half_open[h.session_id]
         if peer.cell_id != h.src or peer.cell_id != half.claimed_src:
             self.drops["identity_mismatch"] += 1
+            return
+        if self._membership_refusal(peer.cell_id, half.hs.peer_ext):
+            self.drops["not_member"] += 1
             return
         s = self._new_session(
             peer,
@@ -1701,13 +1720,38 @@ class Endpoint:
         idx = self._new_index()
         stamp = max(int((now + self._wall_offset) * 1e9), self._last_init_stamp + 1)
         self._last_init_stamp = stamp  # strictly increasing, whatever the clock does
-        hs = InitiatorHandshake(self.identity, idx, remote_static=static, timestamp_ns=stamp)
+        hs = InitiatorHandshake(
+            self.identity, idx, remote_static=static, timestamp_ns=stamp, ext=self._own_ext
+        )
         noise = hs.first_message()
         ini = _Initiation(hs, addr, cell_id, noise, now, now, now, rekey)
         self._initiations[idx] = ini
         self._init_by_echo[noise[:16]] = idx
         self._initiating[cell_id if cell_id is not None else _addr_key(addr)] = idx
         self._send_init(ini, now)
+
+    def set_membership(
+        self, own_ext: bytes, check: Callable[[bytes, dict[int, bytes]], str | None] | None
+    ) -> None:
+        """Gate sessions on mesh membership (certificates; node/membership.py decides).
+
+        `own_ext` (handshake extensions, e.g. our certificate) travels in every handshake
+        message that carries our identity, so only after keys exist, never in clear. `check`
+        gets a peer's CellID and its extensions once the handshake authenticated it, and
+        answers None (a member) or the reason it is not; a refused handshake makes no session
+        on either side (drop `not_member`). Rekeys are checked again (certificates expire).
+        """
+        self._own_ext = own_ext
+        self._member_check = check
+
+    def _membership_refusal(self, cell: bytes, ext: bytes) -> str | None:
+        if self._member_check is None:
+            return None
+        try:
+            exts = pull_extensions(ext)
+        except DecodeError:
+            return "bad_extension"
+        return self._member_check(cell, exts)
 
     def _fresh_init(self, cell: bytes, stamp: int | None) -> bool:
         """An IK message 1 from `cell` is new only if its timestamp exceeds every one we

@@ -96,11 +96,16 @@ class InitiatorHandshake:
         remote_static: bytes | None = None,
         ephemeral: X25519PrivateKey | None = None,
         timestamp_ns: int = 0,
+        ext: bytes = b"",
     ) -> None:
         self.identity = identity
         self.sender_index = sender_index
         self.timestamp_ns = timestamp_ns
         """IK only: strictly increasing per initiator, so a responder refuses a replay."""
+        self.ext = ext
+        """Extensions sent with our identity (a membership certificate): never in clear."""
+        self.peer_ext = b""
+        """The responder's extensions, once `read_response` authenticated it."""
         self.pattern = HandshakePattern.IK if remote_static is not None else HandshakePattern.XX
         self._hs = HandshakeState.initialize(
             PROTOCOL_IK if remote_static is not None else PROTOCOL_XX,
@@ -114,7 +119,7 @@ class InitiatorHandshake:
     def first_message(self) -> bytes:
         """The Noise bytes of message 1."""
         if self.pattern is HandshakePattern.IK:
-            ext = push_timestamp_ext(self.timestamp_ns)
+            ext = push_timestamp_ext(self.timestamp_ns) + self.ext
             return self._hs.write_message(_identity_payload(self.identity, self.sender_index, ext))
         return self._hs.write_message(push_handshake_payload(HandshakePayload(self.sender_index)))
 
@@ -125,9 +130,12 @@ class InitiatorHandshake:
         """
         payload = pull_handshake_payload(self._hs.read_message(message))
         peer = _authenticate_peer(payload, self._hs.remote_static)
+        self.peer_ext = payload.ext
         third: bytes | None = None
         if self.pattern is HandshakePattern.XX:
-            third = self._hs.write_message(_identity_payload(self.identity, self.sender_index))
+            third = self._hs.write_message(
+                _identity_payload(self.identity, self.sender_index, self.ext)
+            )
         if not self._hs.is_complete:
             raise RemoteProtocolError("handshake did not complete")
         return peer, payload.sender_index, third, _split(self._hs, initiator=True)
@@ -144,15 +152,23 @@ class ResponderResult:
     keys: SessionKeys | None
     timestamp_ns: int | None = None
     """IK: the initiator's timestamp (the responder refuses one not above the last it saw)."""
+    ext: bytes = b""
+    """IK: the initiator's extensions (its membership certificate, if it sent one)."""
 
 
 class ResponderHandshake:
     """Our side of a handshake a peer started. `read_init`, then for XX `read_finish`."""
 
-    def __init__(self, identity: Identity, sender_index: int, pattern: HandshakePattern) -> None:
+    def __init__(
+        self, identity: Identity, sender_index: int, pattern: HandshakePattern, ext: bytes = b""
+    ) -> None:
         self.identity = identity
         self.sender_index = sender_index
         self.pattern = pattern
+        self.ext = ext
+        """Extensions sent with our identity (message 2)."""
+        self.peer_ext = b""
+        """The initiator's extensions, once authenticated (IK message 1, XX message 3)."""
         self._hs = HandshakeState.initialize(
             PROTOCOL_IK if pattern is HandshakePattern.IK else PROTOCOL_XX,
             initiator=False,
@@ -172,9 +188,13 @@ class ResponderHandshake:
             timestamp = pull_timestamp_ext(payload.ext)
         elif payload.identity is not None:
             raise MalformedError("XX message 1 must not carry an identity (it is sent in clear)")
-        response = self._hs.write_message(_identity_payload(self.identity, self.sender_index))
+        if peer is not None:
+            self.peer_ext = payload.ext
+        response = self._hs.write_message(
+            _identity_payload(self.identity, self.sender_index, self.ext)
+        )
         keys = _split(self._hs, initiator=False) if self.pattern is HandshakePattern.IK else None
-        return ResponderResult(payload.sender_index, response, peer, keys, timestamp)
+        return ResponderResult(payload.sender_index, response, peer, keys, timestamp, self.peer_ext)
 
     def read_finish(self, message: bytes) -> tuple[PeerIdentity, SessionKeys]:
         """Read XX message 3: authenticates the initiator and yields the session keys."""
@@ -184,4 +204,5 @@ class ResponderHandshake:
         peer = _authenticate_peer(payload, self._hs.remote_static)
         if payload.sender_index != self.initiator_index:
             raise AuthenticationError("initiator changed its session index mid-handshake")
+        self.peer_ext = payload.ext
         return peer, _split(self._hs, initiator=False)

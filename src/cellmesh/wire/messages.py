@@ -620,6 +620,9 @@ MAX_HANDSHAKE_EXT = 512
 EXT_TIMESTAMP = 0x01
 """Extension: u64 BE nanoseconds, strictly increasing per initiator (IK message 1 carries it so
 that a responder can refuse a replayed message 1; docs/wire.md 4.2)."""
+EXT_MEMBERSHIP = 0x02
+"""Extension: the sender's membership certificate (docs/wire.md 10.5), sent with its identity
+when it holds one; a node whose mesh trusts authorities admits sessions only with a valid one."""
 _EXT_HEAD = struct.Struct("!BB")
 
 
