@@ -275,3 +275,78 @@ def test_receiver_killed_mid_transfer(
         assert os.listdir(m.inbox) == []
     finally:
         fresh.stop()
+
+
+@pytest.mark.parametrize(
+    ("killed", "code", "reason"),
+    [
+        # The sending node sees its client vanish and resets the stream: exit 1.
+        ("send-client", 1, "cancelled the transfer"),
+        # The sending node itself dies: A's node gives the silent peer up, exit 2.
+        ("sender-node", 2, "disconnected"),
+    ],
+)
+def test_sender_killed_mid_transfer(
+    tmp_path: Path,
+    cli: type[CliRunner],
+    node_factory: type[NodeProcess],
+    meshes: list[Mesh],
+    killed: str,
+    code: int,
+    reason: str,
+) -> None:
+    # `recv -o` on A, `send` on B through a 2 MB/s bottleneck (8 MB: ~4 s), then SIGKILL either
+    # the `send` client or B's whole node. A gives up on a silent peer after 2 s, not 60 s.
+    a_home = tmp_path / "a"
+    a_home.mkdir(mode=0o700)
+    (a_home / "config.toml").write_text("keepalive_interval = 0.5\nidle_timeout = 2.0\n")
+    m = Mesh(tmp_path, cli, node_factory, relay_args=("--rate", "2M"))
+    meshes.append(m)
+    src = tmp_path / "doomed.bin"
+    src.write_bytes(os.urandom(8 * MB))
+    dest_dir = tmp_path / "out"
+    dest_dir.mkdir()
+    dest = dest_dir / "got.bin"
+    recv = subprocess.Popen(
+        [*CLI, "--home", str(m.a_home), "recv", "-o", str(dest), "--timeout", "20"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=cli_env(),
+    )
+    send = subprocess.Popen(
+        [*CLI, "--home", str(m.b_home), "send", m.a_cell, str(src)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        env=cli_env(),
+    )
+
+    def partial_size() -> int:
+        with os.scandir(dest_dir) as entries:
+            return sum(e.stat().st_size for e in entries if e.name.endswith(".partial"))
+
+    try:
+        deadline = time.monotonic() + 20
+        while partial_size() < MB:
+            assert recv.poll() is None, recv.communicate()
+            assert send.poll() is None, send.communicate()
+            assert time.monotonic() < deadline, "the transfer never got going"
+            time.sleep(0.02)
+        victim = send if killed == "send-client" else m.b.proc
+        victim.kill()  # SIGKILL: no goodbye
+        victim.wait(10)
+        _, stderr = recv.communicate(timeout=20)
+    finally:
+        for p in (recv, send):
+            if p.poll() is None:
+                p.kill()
+            p.communicate()
+    assert recv.returncode == code, stderr.decode()
+    # The "receiving from" line, then exactly one line saying what went wrong.
+    lines = stderr.decode().strip().splitlines()
+    assert lines[-1].startswith("error: "), lines
+    assert reason in lines[-1]
+    assert [ln for ln in lines if ln.startswith("error: ")] == [lines[-1]]
+    assert "Traceback" not in stderr.decode()
+    # Nothing named as complete, and no partial file left behind.
+    assert os.listdir(dest_dir) == []
+    assert not dest.exists()

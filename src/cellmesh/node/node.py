@@ -117,7 +117,10 @@ class Node:
         self.inbox_dropped = 0
         self._streams: dict[tuple[bytes, int], Stream] = {}
         self._accept: asyncio.Queue[Stream] = asyncio.Queue(MAX_ACCEPT_BACKLOG)
-        self._messages: asyncio.Queue[tuple[bytes, bytes]] = asyncio.Queue(MAX_INBOX)
+        # Unbounded on purpose: each peer may have at most MESSAGE_WINDOW messages here that
+        # the application has not taken (message credit, Endpoint.manual_message_credit), so
+        # none is ever dropped after the transport acknowledged it.
+        self._messages: asyncio.Queue[tuple[bytes, bytes]] = asyncio.Queue()
         self._stopped = asyncio.Event()
         self._channels: ChannelDriver | None = None
         self._state: StateDriver | None = None
@@ -188,6 +191,7 @@ class Node:
         self._endpoint = Endpoint(
             self.identity, self.config, now, random.Random(), os.urandom, time.time() - now
         )
+        self._endpoint.manual_message_credit = True  # recv_message takes them: see there
         if membership is not None:
             # Certificates gate sessions too, not only discovery (node/membership.py).
             self._endpoint.set_membership(*session_admission(membership))
@@ -464,10 +468,7 @@ class Node:
                 who = "the peer" if ev.by_peer else "us"
                 st._fail(StreamError(f"stream reset by {who} (code {ev.code})", ev.code))
         elif isinstance(ev, MessageReceived):
-            try:
-                self._messages.put_nowait((ev.cell_id, ev.data))
-            except asyncio.QueueFull:
-                self.inbox_dropped += 1
+            self._messages.put_nowait((ev.cell_id, ev.data))
         elif isinstance(ev, ChannelMessageReceived):
             if self._channels is not None:
                 self._channels.on_message(ev)
@@ -652,8 +653,14 @@ class Node:
         self._pump()
 
     async def recv_message(self) -> tuple[bytes, bytes]:
-        """The next (CellID, data) reliable message."""
-        return await self._messages.get()
+        """The next (CellID, data) reliable message. Taking it lets that peer send one more:
+        a peer whose messages are not taken stops after MESSAGE_WINDOW (its `send_message`
+        then queues, and raises once its queue is full), so nothing is lost."""
+        cell, data = await self._messages.get()
+        if self._endpoint is not None:
+            self._endpoint.messages_consumed(cell, 1, self._now())
+            self._pump()
+        return cell, data
 
     def _stream_space(self, st: Stream) -> int:
         try:

@@ -41,6 +41,7 @@ from cellmesh.wire.messages import (
     Close,
     Keepalive,
     MaxData,
+    MaxMessages,
     MaxStreamData,
     Message,
     Msg,
@@ -95,6 +96,12 @@ _U64_LIMIT = 2**62
 def _check_code(code: int) -> None:
     if not 0 <= code <= 0xFFFF:
         raise LocalProtocolError(f"stream error codes are 16-bit (0-65535), got {code}")
+
+
+MESSAGE_WINDOW = 1024
+"""Reliable messages (MSG and CHANNEL_MSG) a peer may send beyond those our application has
+taken: the initial credit of both sides, and the step MAX_MESSAGES raises it by. It bounds what
+unread messages can hold in memory (about 1,100 bytes each) per peer."""
 
 
 @dataclass(frozen=True, slots=True)
@@ -182,6 +189,13 @@ class Connection:
         self._msgs: deque[Msg] = deque()
         self._next_msg_id = 0
         self._seen_msgs = RangeSet(limit=4096)
+        # Message credit (MAX_MESSAGES): ids below the limit may be sent. The receiver raises
+        # it as its application takes messages, so a reader that falls behind holds the sender
+        # back instead of losing messages the transport already acknowledged.
+        self._peer_msg_limit = MESSAGE_WINDOW
+        self._local_msg_limit = MESSAGE_WINDOW
+        self._msgs_consumed = 0
+        self._max_msgs_pending = False
         # unreliable control records, sent once
         self._control: deque[bytes] = deque()
         # sender recovery
@@ -274,6 +288,20 @@ class Connection:
         if unread > 0:
             self.consumed(-1, unread)
 
+    def messages_consumed(self, n: int = 1) -> None:
+        """The application took `n` reliable messages: the peer may send that many more (a
+        MAX_MESSAGES record goes out once half a window has been taken)."""
+        self._msgs_consumed += n
+        target = self._msgs_consumed + MESSAGE_WINDOW
+        if target - self._local_msg_limit >= MESSAGE_WINDOW // 2:
+            self._local_msg_limit = target
+            self._max_msgs_pending = True
+
+    @property
+    def messages_blocked(self) -> bool:
+        """Messages wait for the peer's credit (its application is not taking them)."""
+        return bool(self._msgs) and self._msgs[-1].msg_id >= self._peer_msg_limit
+
     def consumed(self, sid: int, n: int) -> None:
         """The application read `n` bytes of `sid`: reopen the windows."""
         r = self._recv.get(sid)
@@ -345,11 +373,18 @@ class Connection:
             if isinstance(m, StreamFrame):
                 self._on_stream(m)
             elif isinstance(m, Msg):
+                if m.msg_id >= self._local_msg_limit:
+                    raise RemoteProtocolError(
+                        f"message {m.msg_id} beyond the message credit {self._local_msg_limit}",
+                        STREAM_LIMIT_ERROR,
+                    )
                 if m.msg_id in self._seen_msgs:
                     self.stats.duplicate_messages += 1
                 else:
                     self._seen_msgs.add(m.msg_id, m.msg_id + 1)
                     self.events.append(("message", m.data, m.channel))
+            elif isinstance(m, MaxMessages):
+                self._peer_msg_limit = max(self._peer_msg_limit, m.limit)
             elif isinstance(m, MaxData):
                 if m.maximum > self._peer_max_data:
                     self._peer_max_data = m.maximum
@@ -655,7 +690,8 @@ class Connection:
 
     def _has_reliable_work(self) -> bool:
         return bool(
-            self._msgs
+            (self._msgs and self._msgs[0].msg_id < self._peer_msg_limit)
+            or self._max_msgs_pending
             or self._rr
             or self._max_data_pending
             or self._max_stream_pending
@@ -792,8 +828,12 @@ class Connection:
         for sid, code in list(self._stop_pending.items()):
             if add(push_message(StopSending(sid, code)), ("x", sid, code)):
                 del self._stop_pending[sid]
-        while self._msgs and (
-            used
+        if self._max_msgs_pending and add(push_message(MaxMessages(self._local_msg_limit)), ("n",)):
+            self._max_msgs_pending = False
+        while (
+            self._msgs
+            and self._msgs[0].msg_id < self._peer_msg_limit
+            and used
             + _MSG_OVERHEAD
             + (_CHANNEL_EXTRA if self._msgs[0].channel else 0)
             + len(self._msgs[0].data)
@@ -895,6 +935,8 @@ class Connection:
                 self._msgs.appendleft(f[1])
             elif kind == "d":
                 self._max_data_pending = True
+            elif kind == "n":
+                self._max_msgs_pending = True
             elif kind == "w" and f[1] in self._recv:
                 self._max_stream_pending.add(f[1])
             elif kind == "r":

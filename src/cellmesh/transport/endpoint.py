@@ -293,6 +293,10 @@ class Endpoint:
         self._half_open: OrderedDict[int, _HalfOpen] = OrderedDict()
         self._answered: OrderedDict[bytes, tuple[bytes, float, Addr, int]] = OrderedDict()
         self._wall_offset = wall_offset
+        self.manual_message_credit = False
+        """False: a plain message counts as taken when it is handed out as an event. A driver
+        with a bounded inbox sets True and calls `messages_consumed` as its application reads,
+        so a slow reader holds senders back (MAX_MESSAGES) instead of losing messages."""
         self._own_ext = b""
         self._member_check: Callable[[bytes, dict[int, bytes]], str | None] | None = None
         self._last_init_stamp = 0
@@ -811,8 +815,13 @@ class Endpoint:
                 ev.append(StreamData(cell, e[1], e[2], e[3]))
             elif kind == "message":
                 if e[2]:
+                    # The channel layer takes publications as they come (its own queues count
+                    # what they cannot hold): they never wait on credit.
+                    conn.messages_consumed(1)
                     ev.append(ChannelMessageReceived(cell, e[2], e[1], True))
                 else:
+                    if not self.manual_message_credit:
+                        conn.messages_consumed(1)
                     ev.append(MessageReceived(cell, e[1]))
             elif kind == "opened":
                 ev.append(StreamOpened(cell, e[1]))
@@ -857,6 +866,15 @@ class Endpoint:
         """Stop reading a stream; the peer is asked to reset its half."""
         p, conn = self._conn(cell_id)
         conn.stop_sending(stream_id, code)
+        self._mark(p, now)
+
+    def messages_consumed(self, cell_id: bytes, n: int, now: float) -> None:
+        """The application took `n` plain messages of `cell_id` (with `manual_message_credit`):
+        the peer may send as many more."""
+        p = self._peers.get(cell_id)
+        if p is None or p.conn is None:
+            return
+        p.conn.messages_consumed(n)
         self._mark(p, now)
 
     def stream_consumed(self, cell_id: bytes, stream_id: int, n: int, now: float) -> None:

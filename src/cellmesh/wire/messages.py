@@ -48,6 +48,7 @@ class MsgType(IntEnum):
     OBSERVED = 19
     CANDIDATES = 20
     TRACE = 21
+    MAX_MESSAGES = 22
 
 
 class HandshakePattern(IntEnum):
@@ -146,6 +147,14 @@ class MaxData:
     """Connection-level flow control: the peer may send up to `maximum` stream bytes in total."""
 
     maximum: int
+
+
+@dataclass(frozen=True, slots=True)
+class MaxMessages:
+    """Message credit: the peer may send reliable messages (MSG and CHANNEL_MSG) with ids below
+    `limit`. Raised as the application takes messages, so unread ones never pile up."""
+
+    limit: int
 
 
 @dataclass(frozen=True, slots=True)
@@ -259,6 +268,7 @@ Message = (
     | ResetStream
     | StopSending
     | MaxData
+    | MaxMessages
     | MaxStreamData
     | Msg
     | ChannelDatagram
@@ -331,6 +341,8 @@ def push_message(m: Message) -> bytes:
         return _record(MsgType.STOP_SENDING, _STOP.pack(m.stream_id, m.code))
     if isinstance(m, MaxData):
         return _record(MsgType.MAX_DATA, _U64.pack(m.maximum))
+    if isinstance(m, MaxMessages):
+        return _record(MsgType.MAX_MESSAGES, _U64.pack(m.limit))
     if isinstance(m, MaxStreamData):
         return _record(MsgType.MAX_STREAM_DATA, _MAX_STREAM.pack(m.stream_id, m.maximum))
     if isinstance(m, Msg):
@@ -419,6 +431,10 @@ def _decode_one(t: int, body: bytes) -> Message | None:
         if len(body) != 8:
             raise MalformedError("MAX_DATA must be 8 bytes")
         return MaxData(_U64.unpack(body)[0])
+    if t == MsgType.MAX_MESSAGES:
+        if len(body) != 8:
+            raise MalformedError("MAX_MESSAGES must be 8 bytes")
+        return MaxMessages(_U64.unpack(body)[0])
     if t == MsgType.MAX_STREAM_DATA:
         if len(body) != _MAX_STREAM.size:
             raise MalformedError("MAX_STREAM_DATA must be 12 bytes")

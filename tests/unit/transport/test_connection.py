@@ -25,6 +25,7 @@ from cellmesh.transport.connection import (
     BASE_MTU,
     HEADER_AND_TAG,
     MAX_ACK_DELAY,
+    MESSAGE_WINDOW,
     PMTU_CANDIDATES,
     PMTU_MAX_PROBES,
     STREAM_LIMIT_ERROR,
@@ -145,6 +146,8 @@ class Pipe:
                     c.consumed(sid, len(chunk))
             elif e[0] == "message":
                 s.messages.append(e[1])
+                if s.consume:
+                    c.messages_consumed(1)  # the application took it: one more may come
 
     def step(self) -> bool:
         """Send what may go, then jump to the next delivery or timer and handle it."""
@@ -910,3 +913,27 @@ def test_reset_after_the_other_half_finished_carries_the_bytes_already_sent(loss
     sid2 = pipe.a.conn.open_stream()
     pipe.a.conn.write(sid2, b"still fine", fin=True)
     assert pipe.run_until(lambda: pipe.b.stream(sid2) == b"still fine", 30)
+
+
+def test_messages_wait_for_credit_while_the_application_does_not_take_them() -> None:
+    # The receiver's application takes nothing: after MESSAGE_WINDOW messages the sender holds
+    # the rest (none is sent only to be dropped), and each message taken lets one more come.
+    pipe = Pipe()
+    pipe.b.consume = False
+    n = MESSAGE_WINDOW + 300
+    for i in range(n):
+        pipe.a.conn.send_message(i.to_bytes(4, "big"))
+    pipe.run_for(2.0)
+    assert len(pipe.b.messages) == MESSAGE_WINDOW
+    assert pipe.a.conn.messages_blocked
+    pipe.b.conn.messages_consumed(MESSAGE_WINDOW)
+    assert pipe.run_until(lambda: len(pipe.b.messages) == n, 30)
+    assert sorted(int.from_bytes(m, "big") for m in pipe.b.messages) == list(range(n))
+    assert not pipe.a.conn.messages_blocked
+
+
+def test_a_message_beyond_the_credit_is_a_protocol_error() -> None:
+    c = Connection(TransportParams(), False, T0)
+    c.on_packet(0, [Msg(MESSAGE_WINDOW - 1, b"last allowed")], T0)
+    with pytest.raises(RemoteProtocolError, match="message credit"):
+        c.on_packet(1, [Msg(MESSAGE_WINDOW, b"one too many")], T0)

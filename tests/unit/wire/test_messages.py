@@ -76,6 +76,7 @@ def test_constants() -> None:
         "OBSERVED": 19,
         "CANDIDATES": 20,
         "TRACE": 21,
+        "MAX_MESSAGES": 22,
     }
     assert [int(p) for p in HandshakePattern] == [1, 2]
     assert [int(c) for c in CloseCode] == [0, 1, 2, 3, 4]
@@ -185,7 +186,7 @@ def test_unknown_optional_types_are_skipped(t: int) -> None:
     assert pull_messages(wire) == [Ping(7), AppData(b"after")]
 
 
-@pytest.mark.parametrize("t", [0x16, 0x40, 0x7F])
+@pytest.mark.parametrize("t", [0x17, 0x40, 0x7F])
 def test_unknown_mandatory_type_is_malformed(t: int) -> None:
     with pytest.raises(MalformedError, match="mandatory"):
         pull_messages(rec(t, b""))

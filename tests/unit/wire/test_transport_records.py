@@ -16,6 +16,7 @@ from cellmesh.wire.messages import (
     U64_MAX,
     Ack,
     MaxData,
+    MaxMessages,
     MaxStreamData,
     Message,
     Msg,
@@ -64,6 +65,8 @@ ROUND_TRIP: list[Message] = [
     StopSending(U32_MAX, U16_MAX),
     MaxData(0),
     MaxData(U64_MAX),
+    MaxMessages(0),
+    MaxMessages(U64_MAX),
     MaxStreamData(0, 0),
     MaxStreamData(U32_MAX, U64_MAX),
     Msg(0, b""),
@@ -106,6 +109,7 @@ def test_all_new_records_in_one_plaintext() -> None:
         ),
         (StopSending(9, 0x0A0B), rec(MsgType.STOP_SENDING, b"\x00\x00\x00\x09\x0a\x0b")),
         (MaxData(0x0102), rec(MsgType.MAX_DATA, (0x0102).to_bytes(8, "big"))),
+        (MaxMessages(0x0400), rec(MsgType.MAX_MESSAGES, (0x0400).to_bytes(8, "big"))),
         (
             MaxStreamData(4, 99),
             rec(MsgType.MAX_STREAM_DATA, b"\x00\x00\x00\x04" + (99).to_bytes(8, "big")),
@@ -233,6 +237,7 @@ def test_stream_beyond_2_64() -> None:
         (MsgType.RESET_STREAM, 14),
         (MsgType.STOP_SENDING, 6),
         (MsgType.MAX_DATA, 8),
+        (MsgType.MAX_MESSAGES, 8),
         (MsgType.MAX_STREAM_DATA, 12),
     ],
 )
