@@ -8,15 +8,14 @@ the reason."""
 
 from __future__ import annotations
 
-import json
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 
 import pytest
+from test_netns_discovery import _peers, _wait
 
 from cellmesh.testing.netns import Host, Topology
 
@@ -28,23 +27,6 @@ def _env(name: str) -> dict[str, str]:
     env = {k: v for k, v in os.environ.items() if not k.startswith(("CELLMESH_", "NX0_"))}
     env["CELLMESH_NAME"] = name
     return env
-
-
-def _peers(host: Host, home: Path) -> list[dict[str, object]]:
-    r = host.run([*CLI, "--home", str(home), "peers", "--json"])
-    if r.returncode != 0:
-        return []
-    rows: list[dict[str, object]] = json.loads(r.stdout)
-    return rows
-
-
-def _wait(cond: Callable[[], bool], timeout: float) -> bool:
-    end = time.monotonic() + timeout
-    while time.monotonic() < end:
-        if cond():
-            return True
-        time.sleep(0.25)
-    return cond()
 
 
 def _disable_ipv6(host: Host) -> None:
