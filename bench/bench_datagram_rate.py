@@ -4,7 +4,12 @@ Layout: a sender process pinned to one CPU and a receiver process pinned to the 
 process only coordinates, through pipes, and sleeps while they run).
 
 * ours: the receiver is a `Node`; it counts what `await node.recv_datagram()` returns (datagrams
-  that were parsed, replay-checked and authenticated). The sender is a `Node` calling
+  that were parsed, replay-checked and authenticated), or with `--recv batch` what
+  `await node.recv_datagrams()` returns. Both Nodes run with `max_datagram=1200`, so every
+  application datagram is its own 1200-byte UDP datagram (the default would let path MTU
+  discovery reach 65507 bytes on loopback and a burst coalesce into few large packets), and with
+  `peer_packet_rate=0` (the default per-peer budget of 100,000 packets/s is a flood guard, not
+  the code's limit). The sender is a `Node` calling
   `send_datagram` (`--sender node`, the default) or, to take the Node API out of the picture, a
   sans-IO `Endpoint` driven by a plain non-blocking socket (`--sender endpoint`). The sender's own
   ceiling is always measured too (one full-blast trial of each sender kind), so the output says
@@ -76,6 +81,7 @@ SOCK_BUF = 4 * 1024 * 1024
 BURST = 64
 MAX_LOSS = 0.01
 TARGET_RATIO = 0.80
+RECV_ENV = "CELLMESH_BENCH_RECV"
 PROFILE_ENV = "CELLMESH_BENCH_PROFILE"
 Addr = tuple[str, int]
 
@@ -85,7 +91,14 @@ _PN = struct.Struct("!Q")
 
 
 def node_config() -> NodeConfig:
-    return NodeConfig(listen=(f"{LOOPBACK}:0",), recv_buffer=SOCK_BUF)
+    # max_datagram = WIRE: every application datagram leaves as its own 1200-byte UDP datagram,
+    # as the baseline's do. (With the default, path MTU discovery reaches 65507 bytes on loopback
+    # and a burst of datagrams would coalesce into a few large packets: not the same claim.)
+    # peer_packet_rate = 0: no per-peer packet budget (default 100,000/s, a flood guard that a
+    # node sets to what it expects of its peers): this measures what the code can carry.
+    return NodeConfig(
+        listen=(f"{LOOPBACK}:0",), recv_buffer=SOCK_BUF, max_datagram=WIRE, peer_packet_rate=0
+    )
 
 
 # ------------------------------------------------------------------------------ receivers
@@ -154,14 +167,24 @@ async def _node_receiver(conn: Connection) -> None:
                 stop.set()
 
         async def consume() -> None:
-            recv = node.recv_datagram
+            if os.environ.get(RECV_ENV, "each") == "each":
+                recv = node.recv_datagram
+                while True:
+                    _, data = await recv()
+                    t = clock()
+                    if c.count == 0:
+                        c.first = t
+                    c.count += 1
+                    c.nbytes += len(data)
+                    c.last = t
+            recv_batch = node.recv_datagrams
             while True:
-                _, data = await recv()
+                batch = await recv_batch()
                 t = clock()
                 if c.count == 0:
                     c.first = t
-                c.count += 1
-                c.nbytes += len(data)
+                c.count += len(batch)
+                c.nbytes += sum([len(data) for _, data in batch])
                 c.last = t
 
         loop.add_reader(conn.fileno(), on_command)
@@ -598,6 +621,13 @@ def options(p: argparse.ArgumentParser) -> None:
         help="what sends our datagrams: a Node (default) or a sans-IO Endpoint on a raw socket",
     )
     p.add_argument(
+        "--recv",
+        choices=("each", "batch"),
+        default="each",
+        help="how the receiving application takes datagrams: one `await recv_datagram()` each "
+        "(default) or `await recv_datagrams()` for every one waiting",
+    )
+    p.add_argument(
         "--profile",
         action="store_true",
         help="only profile the Node receiver (cProfile) during one full-blast trial; print hot spots",
@@ -658,6 +688,7 @@ def main() -> int:
         f"{reps} alternating search(es) per side",
     )
     t_start = time.monotonic()
+    os.environ[RECV_ENV] = args.recv  # the receiver child reads it
     if args.profile:
         os.environ[PROFILE_ENV] = "1"
         try:
@@ -682,11 +713,12 @@ def main() -> int:
     print(f"baseline, best search: {describe(base)}")
     o, b = ours.best, base.best
     sender = "Node.send_datagram" if args.sender == "node" else "Endpoint.send_datagram + socket"
+    receiver = "recv_datagram" if args.recv == "each" else "recv_datagrams (batches)"
     report(
         Result(
             bench=BENCH,
             case=f"datagram_rate (sender: {args.sender})",
-            ours=f"{sender} -> Node.recv_datagram, separate processes",
+            ours=f"{sender} -> Node.{receiver}, separate processes, max_datagram {WIRE}",
             baseline="raw UDP + ChaCha20Poly1305 (built once, counter nonce, header AD)",
             metrics=rate_metrics(ours, base),
             targets=[
@@ -707,6 +739,7 @@ def main() -> int:
             ],
             extra={
                 "sender": args.sender,
+                "recv": args.recv,
                 "trials_ours": [[trial_dict(t) for t in x.trials] for x in runs["ours"]],
                 "trials_baseline": [[trial_dict(t) for t in x.trials] for x in runs["baseline"]],
             },

@@ -29,6 +29,7 @@ MAX_PN: Final = 2**64 - 2
 """The largest usable packet number (2**64-1 is reserved, as in Noise)."""
 
 _NONCE: Final = struct.Struct("<4xQ")
+_PACK_NONCE: Final = _NONCE.pack
 
 
 class TransportCipher:
@@ -67,11 +68,13 @@ class TransportCipher:
 
     def seal(self, pn: int, ad: bytes, plaintext: bytes) -> bytes:
         """Encrypt and authenticate `plaintext` (and `ad`) as packet `pn`; adds `TAG_LEN` bytes."""
-        return self._aead.encrypt(self._nonce(pn), plaintext, ad)
+        # The range check of _nonce, inline: this runs for every packet sent.
+        nonce = _PACK_NONCE(pn) if 0 <= pn <= MAX_PN else self._nonce(pn)
+        return self._aead.encrypt(nonce, plaintext, ad)
 
     def open(self, pn: int, ad: bytes, ciphertext: bytes) -> bytes:
         """Verify and decrypt packet `pn`; raises `AuthenticationError` if it does not verify."""
-        nonce = self._nonce(pn)
+        nonce = _PACK_NONCE(pn) if 0 <= pn <= MAX_PN else self._nonce(pn)
         try:
             return self._aead.decrypt(nonce, ciphertext, ad)
         except InvalidTag:

@@ -35,7 +35,11 @@ class TokenBucket:
 
     def take(self, now: float, cost: float = 1.0) -> bool:
         """Spend `cost` tokens if available; True when allowed."""
-        self._refill(now)
+        # _refill, inline: ring 0 takes from a bucket for every packet.
+        elapsed = now - self._last
+        if elapsed > 0:
+            self._tokens = min(self.burst, self._tokens + elapsed * self.rate)
+            self._last = now
         if self._tokens >= cost:
             self._tokens -= cost
             return True

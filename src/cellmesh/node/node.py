@@ -30,6 +30,7 @@ from cellmesh.node.anchor import ANCHOR_MAGIC, AnchorDriver
 from cellmesh.node.blob_service import BlobService
 from cellmesh.node.channels import ChannelDriver
 from cellmesh.node.discovery import DiscoveryDriver
+from cellmesh.node.inbox import DatagramInbox
 from cellmesh.node.membership import cert_dict, load_membership_cert, session_admission
 from cellmesh.node.routing import RoutingDriver
 from cellmesh.node.services import StreamServices
@@ -62,7 +63,17 @@ log = logging.getLogger("cellmesh.node")
 MAX_INBOX = 4096
 DISCOVERY_TYPES = frozenset((int(FrameType.BEACON), int(FrameType.SOLICIT)))
 MAX_ACCEPT_BACKLOG = 64
+CORK_LIMIT = 64  # application calls that may wait for the end of a loop turn (one GSO batch)
 REFUSED = 2
+
+
+class _PingTimeout(Exception):
+    """No PONG came in time (turned into PeerUnreachableError by `Node.ping`)."""
+
+
+def _expire_ping(fut: asyncio.Future[float]) -> None:
+    if not fut.done():
+        fut.set_exception(_PingTimeout())
 
 
 def _as_cell(cell_id: bytes | str) -> bytes:
@@ -110,11 +121,12 @@ class Node:
         self._timer: asyncio.TimerHandle | None = None
         self._timer_when = 0.0
         self._writing = False
+        self._corked = 0  # application calls whose output waits for the end of this loop turn
+        self._cork_scheduled = False
         self._ping_waiters: dict[int, tuple[bytes, asyncio.Future[float]]] = {}
         self._connect_waiters: dict[bytes, list[asyncio.Future[bytes]]] = defaultdict(list)
         self._addr_waiters: dict[Addr, list[asyncio.Future[bytes]]] = defaultdict(list)
-        self._inbox: asyncio.Queue[tuple[bytes, bytes]] = asyncio.Queue(MAX_INBOX)
-        self.inbox_dropped = 0
+        self._inbox = DatagramInbox(MAX_INBOX)
         self._streams: dict[tuple[bytes, int], Stream] = {}
         self._accept: asyncio.Queue[Stream] = asyncio.Queue(MAX_ACCEPT_BACKLOG)
         # Unbounded on purpose: each peer may have at most MESSAGE_WINDOW messages here that
@@ -192,6 +204,7 @@ class Node:
             self.identity, self.config, now, random.Random(), os.urandom, time.time() - now
         )
         self._endpoint.manual_message_credit = True  # recv_message takes them: see there
+        self._endpoint.datagram_sink = self._inbox.put  # straight to recv_datagram's inbox
         if membership is not None:
             # Certificates gate sessions too, not only discovery (node/membership.py).
             self._endpoint.set_membership(*session_admission(membership))
@@ -367,23 +380,36 @@ class Node:
         clock = self._loop.time if self._loop is not None else time.monotonic
         disc = self.discovery
         anchor = self.anchor
-        # A timestamp per datagram, not per batch: a batch of hundreds would otherwise make RTT
+        # A timestamp per read, not per batch: a batch of hundreds would otherwise make RTT
         # samples look shorter than the path and shrink the congestion window.
         if disc is None:
-            udp.drain(sock, lambda data, addr: receive(data, addr, clock()))
+            udp.drain_timed(sock, receive, clock, ep.receive_batch)
         else:
             # Discovery shares the port: BEACON and SOLICIT frames (type byte 6 or 7) go to it.
             # Anchor messages (byte 0 is 0xCA, never a wire version) go to the anchor driver
             # while it runs; otherwise the endpoint drops them as bad_version.
-            def deliver(data: bytes, addr: Addr) -> None:
+            def deliver(data: bytes, addr: Addr, now: float) -> None:
                 if anchor is not None and data and data[0] == ANCHOR_MAGIC:
-                    anchor.feed(data, addr, clock())
+                    anchor.feed(data, addr, now)
                 elif len(data) > 1 and data[1] in DISCOVERY_TYPES:
-                    disc.feed(data, addr, clock())
+                    disc.feed(data, addr, now)
                 else:
-                    receive(data, addr, clock())
+                    receive(data, addr, now)
 
-            udp.drain(sock, deliver)
+            def deliver_many(batch: list[bytes], addr: Addr, now: float) -> None:
+                # A GRO batch is one peer's run of equal-sized datagrams: nearly always frames
+                # for the endpoint, which takes them together.
+                for data in batch:
+                    if (anchor is not None and data and data[0] == ANCHOR_MAGIC) or (
+                        len(data) > 1 and data[1] in DISCOVERY_TYPES
+                    ):
+                        for one in batch:
+                            deliver(one, addr, now)
+                        return
+                receive_batch(batch, addr, now)
+
+            receive_batch = ep.receive_batch
+            udp.drain_timed(sock, deliver, clock, deliver_many)
             disc.flush()
             if anchor is not None:
                 anchor.flush()
@@ -407,7 +433,29 @@ class Node:
             else:
                 self._loop.remove_writer(sock.fileno())
 
+    def _pump_soon(self) -> None:
+        """Send what an application call produced at the end of this turn of the event loop.
+
+        A burst of `send_datagram` / `send_message` / stream writes made without yielding then
+        shares packets (small records coalesce) and leaves in GSO batches: one `sendmsg` for up
+        to 64 datagrams instead of one syscall, timer check and flush each. Latency does not
+        suffer (the output leaves before the loop polls again), and at most CORK_LIMIT calls
+        wait, so a long synchronous burst still streams out and never piles up in memory.
+        """
+        self._corked += 1
+        if self._corked >= CORK_LIMIT:
+            self._pump()
+        elif not self._cork_scheduled and self._loop is not None:
+            self._cork_scheduled = True
+            self._loop.call_soon(self._uncork)
+
+    def _uncork(self) -> None:
+        self._cork_scheduled = False
+        if self._corked:
+            self._pump()
+
     def _pump(self) -> None:
+        self._corked = 0
         ep = self._endpoint
         udp = self._udp
         if ep is None or udp is None or self._loop is None:
@@ -437,7 +485,12 @@ class Node:
         self._pump()
 
     def _dispatch(self, ev: object) -> None:
-        if isinstance(ev, StreamData):
+        # The per-packet events first: this chain runs once per datagram received.
+        if isinstance(ev, DatagramReceived):
+            self._inbox.put(ev.cell_id, ev.data)  # (the endpoint's sink takes most directly)
+        elif isinstance(ev, MessageReceived):
+            self._messages.put_nowait((ev.cell_id, ev.data))
+        elif isinstance(ev, StreamData):
             st = self._streams.get((ev.cell_id, ev.stream_id))
             if st is not None:
                 st._feed(ev.data, ev.fin)
@@ -467,8 +520,6 @@ class Node:
             if st is not None:
                 who = "the peer" if ev.by_peer else "us"
                 st._fail(StreamError(f"stream reset by {who} (code {ev.code})", ev.code))
-        elif isinstance(ev, MessageReceived):
-            self._messages.put_nowait((ev.cell_id, ev.data))
         elif isinstance(ev, ChannelMessageReceived):
             if self._channels is not None:
                 self._channels.on_message(ev)
@@ -488,11 +539,6 @@ class Node:
             w = self._ping_waiters.pop(ev.ping_id, None)
             if w is not None and not w[1].done():
                 w[1].set_result(ev.rtt)
-        elif isinstance(ev, DatagramReceived):
-            try:
-                self._inbox.put_nowait((ev.cell_id, ev.data))
-            except asyncio.QueueFull:
-                self.inbox_dropped += 1
         elif isinstance(ev, PeerConnected):
             if not ev.rekey:
                 log.info(
@@ -562,27 +608,52 @@ class Node:
         """
         cell = _as_cell(cell_id)
         ep = self.endpoint
-        fut: asyncio.Future[float] = asyncio.get_running_loop().create_future()
-        pid = ep.send_ping(cell, self._now(), data)
+        loop = asyncio.get_running_loop()
+        fut: asyncio.Future[float] = loop.create_future()
+        pid = ep.send_ping(cell, loop.time(), data)
         self._ping_waiters[pid] = (cell, fut)
         self._pump()
+        # A timer handle rather than asyncio.wait_for: no extra task and loop turn per ping,
+        # which is most of what an echo over loopback costs beyond the protocol itself.
+        expire = loop.call_later(timeout, _expire_ping, fut)
         try:
-            return await asyncio.wait_for(fut, timeout)
-        except TimeoutError:
+            return await fut
+        except _PingTimeout:
             raise PeerUnreachableError(
                 f"no reply from {format_cell_id(cell)} within {timeout:g} s"
             ) from None
         finally:
+            expire.cancel()
             self._ping_waiters.pop(pid, None)
 
     def send_datagram(self, cell_id: bytes | str, data: bytes) -> None:
         """Send one encrypted, unreliable datagram (queued behind a handshake if needed)."""
-        self.endpoint.send_datagram(_as_cell(cell_id), data, self._now())
-        self._pump()
+        ep = self._endpoint
+        if ep is None or self._loop is None:
+            raise LocalProtocolError("node is not running")
+        ep.send_datagram(
+            cell_id if type(cell_id) is bytes else _as_cell(cell_id), data, self._loop.time()
+        )
+        self._pump_soon()
 
     async def recv_datagram(self) -> tuple[bytes, bytes]:
         """The next (CellID, data) application datagram received."""
         return await self._inbox.get()
+
+    async def recv_datagrams(self, limit: int = 1024) -> list[tuple[bytes, bytes]]:
+        """Every (CellID, data) datagram waiting, up to `limit`; waits for the first one.
+
+        The same datagrams in the same order as `recv_datagram`, a batch per call: a reader
+        that keeps up with a fast peer spends one await per batch instead of one per datagram.
+        """
+        if limit < 1:
+            raise ValueError("limit must be at least 1")
+        return await self._inbox.get_batch(limit)
+
+    @property
+    def inbox_dropped(self) -> int:
+        """Application datagrams dropped because the inbox (MAX_INBOX) was full."""
+        return self._inbox.dropped
 
     def _learn_and_dial(self, cell_id: bytes, noise_static: bytes, addr: Addr) -> None:
         """A peer discovered on the link: remember its key and open a Noise IK session."""
@@ -650,7 +721,7 @@ class Node:
         """Send a reliable (retransmitted until acknowledged), unordered message."""
         cell = await self.ensure_connected(cell_id, timeout)
         self.endpoint.send_message(cell, data, self._now())
-        self._pump()
+        self._pump_soon()
 
     async def recv_message(self) -> tuple[bytes, bytes]:
         """The next (CellID, data) reliable message. Taking it lets that peer send one more:
@@ -659,7 +730,7 @@ class Node:
         cell, data = await self._messages.get()
         if self._endpoint is not None:
             self._endpoint.messages_consumed(cell, 1, self._now())
-            self._pump()
+            self._pump_soon()
         return cell, data
 
     def _stream_space(self, st: Stream) -> int:
@@ -675,7 +746,7 @@ class Node:
         except PeerUnreachableError as exc:
             st._fail(exc)
             raise
-        self._pump()
+        self._pump_soon()
 
     def _stream_eof(self, st: Stream) -> None:
         """The application read to the end of the stream."""
@@ -687,7 +758,7 @@ class Node:
             self._streams.pop((st.cell_id, st.stream_id), None)  # both halves are finished
         if self._endpoint is not None:
             self._endpoint.stream_consumed(st.cell_id, st.stream_id, n, self._now())
-            self._pump()
+            self._pump_soon()
 
     def _stream_reset(self, st: Stream, code: int) -> None:
         if self._endpoint is None:
@@ -761,6 +832,9 @@ class Node:
                 "send_dropped": udp.send_dropped if udp else 0,
                 "recv_errors": udp.recv_errors if udp else 0,
                 "deliver_errors": udp.deliver_errors if udp else 0,
+                "gso": bool(self._udp is not None and self._udp.gso),
+                "gso_batches": udp.gso_batches if udp else 0,
+                "gro_batches": udp.gro_batches if udp else 0,
             },
             "inbox_dropped": self.inbox_dropped,
             "discovery": self.discovery_status(),

@@ -216,6 +216,14 @@ class LogSyncView:
         return delivered
 
 
+@dataclass(slots=True)
+class _PeerSlots:
+    """Turns for our sessions with one peer: MAX_PEER_SESSIONS at once, the rest wait."""
+
+    sem: asyncio.Semaphore
+    users: int = 0
+
+
 class StateSync:
     """Anti-entropy sync of a node's channel logs with its peers. Reach it as `node.state.sync`."""
 
@@ -233,6 +241,8 @@ class StateSync:
         self.last_reports: OrderedDict[tuple[bytes, str], SyncReport] = OrderedDict()
         self._served: set[tuple[bytes, str]] = set()
         self._served_by_peer: Counter[bytes] = Counter()
+        self._peer_slots: dict[bytes, _PeerSlots] = {}
+        """Per peer, our initiated sessions running or waiting for a turn (see _initiate)."""
         self._closed = False
 
     # ------------------------------------------------------------------ lifecycle
@@ -402,6 +412,22 @@ class StateSync:
 
     async def _initiate(self, peer: bytes, channel: str) -> SyncReport:
         channel_hash(channel)  # validates the name
+        # A peer serves at most MAX_PEER_SESSIONS of ours at once and refuses the rest as
+        # busy: several channels granted together (a node subscribing to three at start) take
+        # turns here instead.
+        slots = self._peer_slots.get(peer)
+        if slots is None:
+            slots = self._peer_slots[peer] = _PeerSlots(asyncio.Semaphore(MAX_PEER_SESSIONS))
+        slots.users += 1
+        try:
+            async with slots.sem:
+                return await self._initiate_now(peer, channel)
+        finally:
+            slots.users -= 1
+            if slots.users == 0 and self._peer_slots.get(peer) is slots:
+                del self._peer_slots[peer]
+
+    async def _initiate_now(self, peer: bytes, channel: str) -> SyncReport:
         async with asyncio.timeout(SESSION_DEADLINE):
             st = await self._node.open_stream(peer)
             try:

@@ -259,30 +259,33 @@ class UdpSockets:
             j = i + 1
             if self.gso and not self._backlog:
                 total = size
-                while (
-                    j < n
-                    and j - i < GSO_MAX_SEGMENTS
-                    and items[j][1] == addr
-                    and len(items[j][0]) <= size
-                    and total + len(items[j][0]) <= GSO_MAX_BYTES
-                ):
-                    total += len(items[j][0])
+                end = min(n, i + GSO_MAX_SEGMENTS)
+                while j < end:
+                    nxt, nxt_addr = items[j]
+                    k = len(nxt)
+                    if nxt_addr != addr or k > size or total + k > GSO_MAX_BYTES:
+                        break
+                    total += k
                     j += 1
-                    if len(items[j - 1][0]) < size:
+                    if k < size:
                         break  # only the last segment of a batch may be shorter
-            if j - i >= 2 and self._send_gso(items[i:j], addr, size):
+            if j - i >= 2 and self._send_gso(items, i, j, addr, size):
                 i = j
                 continue
             for k in range(i, j):
                 self.send(*items[k])
             i = j
 
-    def _send_gso(self, batch: list[tuple[bytes, Addr]], addr: Addr, size: int) -> bool:
+    def _send_gso(
+        self, items: list[tuple[bytes, Addr]], i: int, j: int, addr: Addr, size: int
+    ) -> bool:
+        """Send items[i:j] (all to `addr`, all `size` bytes but the last) in one GSO sendmsg."""
         route = self._route(addr)
         if route is None:
             return False
         sock, target = route
-        payload = b"".join(d for d, _ in batch)
+        batch = items[i:j]
+        payload = b"".join([d for d, _ in batch])
         try:
             sock.sendmsg(
                 [payload], [(socket.SOL_UDP, UDP_SEGMENT, _GSO_SIZE.pack(size))], 0, target
@@ -326,11 +329,24 @@ class UdpSockets:
             self._backlog.popleft()
 
     def drain(self, sock: socket.socket, deliver: Callable[[bytes, Addr], None]) -> int:
-        """Read a batch of datagrams from `sock` and hand each to `deliver`: up to MAX_BATCH from
-        a peer's own socket, SHARED_BATCH from a shared one (peers first under a flood)."""
+        """Read a batch of datagrams from `sock` and hand each to `deliver` (see `drain_timed`)."""
+        return self.drain_timed(sock, lambda data, addr, _now: deliver(data, addr), _no_clock)
+
+    def drain_timed(
+        self,
+        sock: socket.socket,
+        deliver: Callable[[bytes, Addr, float], None],
+        clock: Callable[[], float],
+        deliver_many: Callable[[list[bytes], Addr, float], None] | None = None,
+    ) -> int:
+        """Read a batch of datagrams from `sock` and hand each to `deliver` with its arrival
+        time: up to MAX_BATCH datagrams from a peer's own socket, SHARED_BATCH from a shared one
+        (peers first under a flood). `clock()` is read once per read from the socket: a GRO read
+        returns datagrams that arrived together, and they share it; with `deliver_many`, they
+        are handed over together too."""
         limit = MAX_BATCH if sock.fileno() in self._lane_fds else SHARED_BATCH
         if sock.fileno() in self._gro:
-            return self._drain_gro(sock, deliver, limit)
+            return self._drain_gro(sock, deliver, clock, limit, deliver_many)
         recv = sock.recvfrom
         n = 0
         while n < limit:
@@ -346,7 +362,7 @@ class UdpSockets:
                 continue
             n += 1
             try:
-                deliver(data, normalize_addr(raw))
+                deliver(data, normalize_addr(raw), clock())
             except Exception:  # noqa: BLE001 - logged with its traceback by _deliver_failed
                 self._deliver_failed()
         return n
@@ -363,7 +379,12 @@ class UdpSockets:
             )
 
     def _drain_gro(
-        self, sock: socket.socket, deliver: Callable[[bytes, Addr], None], limit: int
+        self,
+        sock: socket.socket,
+        deliver: Callable[[bytes, Addr, float], None],
+        clock: Callable[[], float],
+        limit: int,
+        deliver_many: Callable[[list[bytes], Addr, float], None] | None,
     ) -> int:
         recv = sock.recvmsg
         n = 0
@@ -377,7 +398,7 @@ class UdpSockets:
                     self.stats.recv_errors += 1
                 n += 1
                 continue
-            n += 1
+            now = clock()
             addr = normalize_addr(raw)
             seg = 0
             for level, kind, value in anc:
@@ -388,9 +409,18 @@ class UdpSockets:
                 parts = [data[off : off + seg] for off in range(0, len(data), seg)]
             else:
                 parts = [data]
+            # The limit counts datagrams, not reads: one GRO read can carry 64 of them, and the
+            # application must get a turn before its inbox overflows.
+            n += len(parts)
+            if deliver_many is not None and len(parts) > 1:
+                try:
+                    deliver_many(parts, addr, now)
+                except Exception:  # noqa: BLE001 - logged with its traceback by _deliver_failed
+                    self._deliver_failed()
+                continue
             for part in parts:
                 try:
-                    deliver(part, addr)
+                    deliver(part, addr, now)
                 except Exception:  # noqa: BLE001 - logged with its traceback by _deliver_failed
                     self._deliver_failed()
         return n
@@ -404,3 +434,7 @@ class UdpSockets:
             lane.close()
         self._lanes.clear()
         self._lane_fds.clear()
+
+
+def _no_clock() -> float:
+    return 0.0

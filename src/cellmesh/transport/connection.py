@@ -62,6 +62,7 @@ from cellmesh.wire.messages import (
 )
 
 HEADER_AND_TAG = 64 + 16
+_KEEPALIVE = int(MsgType.KEEPALIVE)  # record type byte, as an int for hot-path comparisons
 _UNRELIABLE = (
     Ping,
     Pong,
@@ -412,6 +413,24 @@ class Connection:
         self._record_received(pn, eliciting, now)
         return other
 
+    def note_received(self, pn: int, now: float) -> None:
+        """Packet `pn` carried only records that ask for no acknowledgement (e.g. one APP
+        record, which the endpoint decoded itself): remember its number for our ACK ranges.
+        (`_record_received` for a packet that elicits nothing, without the gap test.)"""
+        self._received.add_one(pn)
+        self._ack_dirty = True
+        if pn > self._largest_received:
+            self._largest_received = pn
+            self._largest_received_time = now
+
+    def note_received_range(self, lo: int, hi: int, now: float) -> None:
+        """`note_received` for every packet number in [lo, hi) (a run from one GRO batch)."""
+        self._received.add(lo, hi)
+        self._ack_dirty = True
+        if hi - 1 > self._largest_received:
+            self._largest_received = hi - 1
+            self._largest_received_time = now
+
     def _record_received(self, pn: int, eliciting: bool, now: float) -> None:
         gap = self._largest_received >= 0 and pn != self._largest_received + 1
         self._received.add(pn, pn + 1)
@@ -712,6 +731,17 @@ class Connection:
 
     def build_packet(self, pn: int, now: float) -> bytes | None:
         """The plaintext of packet `pn`, or None when nothing may be sent now."""
+        if (
+            self._control
+            and not (self._ack_now or self._ack_deadline is not None or self._probes_due)
+            and not self._has_reliable_work()
+        ):
+            # Only unreliable records to send (the datagram path): no ACK is owed, no probe or
+            # reliable data competes, so the packet is just as many as fit.
+            return self._control_packet(pn, now)
+        return self._general_packet(pn, now)
+
+    def _general_packet(self, pn: int, now: float) -> bytes | None:
         limit = self.mtu - HEADER_AND_TAG
         probe = 0
         parts: list[bytes] = []
@@ -797,6 +827,35 @@ class Connection:
         self.stats.packets_sent += 1
         self._largest_sent = max(self._largest_sent, pn)
         return plaintext
+
+    def _control_packet(self, pn: int, now: float) -> bytes | None:
+        """A packet of queued unreliable records only; what `build_packet` would build when
+        nothing else is due (same drops, same accounting)."""
+        limit = self.mtu - HEADER_AND_TAG
+        ctl = self._control
+        while ctl and len(ctl[0]) > limit:
+            ctl.popleft()  # too big for the path as it is now: shed, never block the queue
+            self.stats.control_dropped += 1
+        parts: list[bytes] = []
+        used = 0
+        keepalive = False
+        while ctl and used + len(ctl[0]) <= limit:
+            rec = ctl.popleft()
+            parts.append(rec)
+            used += len(rec)
+            if rec[0] == _KEEPALIVE:
+                keepalive = True
+        if not parts:
+            return None
+        if keepalive:
+            # A keepalive is answered (how a silent peer is noticed), so its packet is tracked
+            # like reliable data: leave that to the general builder.
+            ctl.extendleft(reversed(parts))
+            return self._general_packet(pn, now)
+        self.stats.packets_sent += 1
+        if pn > self._largest_sent:
+            self._largest_sent = pn
+        return parts[0] if len(parts) == 1 else b"".join(parts)
 
     def _fill_reliable(
         self,

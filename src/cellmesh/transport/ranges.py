@@ -47,6 +47,14 @@ class RangeSet:
         ends[i:j] = [new_end]
         self._trim()
 
+    def add_one(self, x: int) -> None:
+        """Insert x, i.e. [x, x + 1): the in-order case (x extends the top range) in O(1)."""
+        ends = self._ends
+        if ends and ends[-1] == x:
+            ends[-1] = x + 1
+        else:
+            self.add(x, x + 1)
+
     def _trim(self) -> None:
         excess = len(self._starts) - self.limit
         if excess > 0:

@@ -22,6 +22,9 @@ from cellmesh.wire.header import DEFAULT_HOP_TTL, HEADER_LEN, FrameType, pack_he
 AEAD_TAG_LEN = 16
 # Stop sending well before the 64-bit nonce space ends (WireGuard's REJECT_AFTER_MESSAGES margin).
 REJECT_AFTER_PACKETS = 2**64 - 2**13 - 1
+_DATA = int(FrameType.DATA)
+_TTL_OFFSET = 3  # the hop TTL byte of the header (docs/wire.md)
+_WIRE_TTL = bytes([DEFAULT_HOP_TTL])
 
 
 @dataclass(slots=True)
@@ -106,7 +109,7 @@ class Session:
         self.send_counter = pn + 1
         plen = len(plaintext) + AEAD_TAG_LEN
         ad = pack_header(
-            FrameType.DATA,
+            _DATA,
             self.local_cell,
             self.peer.cell_id,
             self.remote_index,
@@ -116,14 +119,24 @@ class Session:
             channel,
         )
         ct = self.send.seal(pn, ad, plaintext)
-        wire = bytearray(ad)
-        wire[3] = DEFAULT_HOP_TTL
-        wire += ct
         self.last_send = now
         c = self.counters
         c.packets_out += 1
         c.bytes_out += HEADER_LEN + plen
-        return bytes(wire)
+        # On the wire the hop TTL is set (it is zero in the associated data): one copy.
+        return b"".join((ad[:_TTL_OFFSET], _WIRE_TTL, ad[_TTL_OFFSET + 1 :], ct))
+
+    def open_checked(self, pn: int, ad: bytes, ciphertext: bytes, now: float) -> bytes:
+        """`open` for a caller that has just seen `replay.check(pn)` succeed (the receive path
+        checks before it spends anything on a packet): the same, without asking twice."""
+        plaintext = self.recv.open(pn, ad, ciphertext)
+        self.replay.accept(pn)
+        self.last_recv = now
+        self.confirmed = True
+        c = self.counters
+        c.packets_in += 1
+        c.bytes_in += HEADER_LEN + len(ciphertext)
+        return plaintext
 
     def open(self, pn: int, ad: bytes, ciphertext: bytes, now: float) -> bytes:
         """Authenticate and decrypt one DATA frame's payload.

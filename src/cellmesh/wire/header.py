@@ -61,6 +61,8 @@ class FrameType(IntEnum):
 
 
 _FRAME_TYPES = frozenset(int(t) for t in FrameType)
+FRAME_TYPES = _FRAME_TYPES
+"""Every frame type v1 defines (as ints), for hot paths that check a header inline."""
 # Flag bits defined by v1. None yet: every flag bit must be zero, so a future flag cannot be
 # silently misread by an old node.
 KNOWN_FLAGS = 0x00
@@ -160,6 +162,11 @@ def pull_header(buf: bytes | bytearray | memoryview) -> FrameHeader:
     """
     _v, ftype, flags, ttl, plen, _f, src, dst, sid, pn, channel, _r = _unpack_checked(buf)
     return FrameHeader(FrameType(ftype), src, dst, sid, pn, plen, ttl, flags, channel)
+
+
+unpack_header = _HEADER.unpack_from
+"""Hot-path raw unpack of the 12 header fields, no checks: callers apply the same checks as
+`_unpack_checked` inline (and fall back to `pull_header_fields` to name a fault)."""
 
 
 def pull_header_fields(buf: bytes | bytearray | memoryview) -> tuple[int, bytes, bytes, int, int]:

@@ -291,6 +291,7 @@ MAX_ACK_RANGES = 64
 U32_MAX = 2**32 - 1
 
 _REC = struct.Struct("!BH")
+_APP = int(MsgType.APP)
 _U64 = struct.Struct("!Q")
 _U32 = struct.Struct("!I")
 _CHANNEL_MSG = struct.Struct("!QI")
@@ -549,6 +550,21 @@ def _pull_addr(body: bytes, pos: int) -> tuple[str, int, int]:
     host = str(ipaddress.IPv4Address(raw) if family == 4 else ipaddress.IPv6Address(raw))
     (port,) = _U16.unpack_from(body, pos + 1 + size)
     return host, port, end
+
+
+def push_app(data: bytes) -> bytes:
+    """`push_message(AppData(data))` without the record object (the unreliable send path)."""
+    if len(data) > MAX_RECORD_BODY:
+        raise OversizeError(f"record body of {len(data)} bytes exceeds {MAX_RECORD_BODY}")
+    return _REC.pack(_APP, len(data)) + data
+
+
+def pull_single_app(buf: bytes) -> bytes | None:
+    """The data of a plaintext that is exactly one APP record, else None (then use
+    `pull_messages`): the shape of nearly every unreliable datagram, decoded without objects."""
+    if len(buf) >= 3 and buf[0] == _APP and (buf[1] << 8 | buf[2]) == len(buf) - 3:
+        return buf[3:]
+    return None
 
 
 def pull_messages(buf: bytes) -> list[Message]:

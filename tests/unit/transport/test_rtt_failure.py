@@ -236,3 +236,19 @@ def test_phi_after_a_huge_heartbeat_gap_never_raises() -> None:
     d = PhiAccrual(0.0, 1.0)
     d.heartbeat(1e200)
     assert d.phi(1e200 + 1.0) >= 0.0
+
+
+def test_phi_a_burst_of_packets_counts_as_one_heartbeat() -> None:
+    from cellmesh.transport.failure import BURST_GAP
+
+    bursty = regular(1.0, 20)
+    t = 20.0
+    for burst in range(5):
+        t = 20.0 + (burst + 1) * 1.0
+        for k in range(1000):  # a transfer: a thousand packets within a millisecond
+            bursty.heartbeat(t + k * 1e-6)
+    calm = regular(1.0, 25)
+    # The bursts added one one-second interval each, not a thousand microsecond ones.
+    assert bursty.phi(t + 3.0) == pytest.approx(calm.phi(25.0 + 3.0), rel=1e-3, abs=1e-3)
+    assert bursty.last_heartbeat == pytest.approx(t + 999e-6)
+    assert BURST_GAP < 0.5 * MIN_STD  # far below what the detector can tell apart anyway
