@@ -29,7 +29,8 @@ def test_a_burst_sent_without_yielding_arrives_whole_and_in_order() -> None:
             assert got == list(range(count))
             assert b.inbox_dropped == 0
             conn = a.endpoint.connection_stats(b.cell_id)
-            assert conn is not None and conn.control_dropped == 0
+            assert conn is not None
+            assert conn.control_dropped == 0
             sock = a.status()["socket"]
             assert sock["send_dropped"] == 0
             if sock.get("gso"):

@@ -100,10 +100,21 @@ class Stream:
                 raise self._error
             self._readable.clear()
             await self._readable.wait()
-        chunk = self._chunks.popleft()
+        chunks = self._chunks
+        chunk = chunks.popleft()
         if len(chunk) > n:
-            self._chunks.appendleft(chunk[n:])
+            chunks.appendleft(chunk[n:])
             chunk = chunk[:n]
+        elif chunks and len(chunk) + len(chunks[0]) <= n:
+            # Several packets' worth waiting: hand them over together (one await, one flow
+            # credit update) rather than one packet-sized piece per read.
+            parts = [chunk]
+            size = len(chunk)
+            while chunks and size + len(chunks[0]) <= n:
+                nxt = chunks.popleft()
+                parts.append(nxt)
+                size += len(nxt)
+            chunk = b"".join(parts)
         self.bytes_read += len(chunk)
         self._node._stream_consumed(self, len(chunk))
         return chunk

@@ -30,6 +30,14 @@ MIN_WINDOW_PACKETS = 4
 # drains a socket in bursts). On sub-millisecond paths the bandwidth-delay product is a few packets,
 # which would leave the sender idle between batches; this floor keeps a batch in flight.
 AGGREGATION_FLOOR = 128 * 1024
+# ACK aggregation (Linux BBR's `extra_acked`): when acknowledgements arrive in bursts (a receiver
+# that drains its socket in batches, an event loop, delayed ACKs), more is acknowledged in a burst
+# than the bandwidth estimate explains, and a window of just 2 x BDP would leave the sender idle
+# until the next burst. The largest such excess seen over the last EXTRA_ACKED_ROUNDS rounds is
+# added to the window, capped at EXTRA_ACKED_MAX_TIME of bandwidth and at the window itself.
+EXTRA_ACKED_ROUNDS = 10
+EXTRA_ACKED_MAX_TIME = 0.1
+EPOCH_RESET_BYTES = 1 << 30  # an aggregation epoch this long is restarted (a counter bound)
 LOSS_THRESHOLD = 0.15
 BW_WINDOW_ROUNDS = 10
 MIN_RTT_EXPIRY = 10.0
@@ -117,6 +125,37 @@ class NewReno:
         self.cwnd = MIN_WINDOW_PACKETS * self.mss
 
 
+class _RoundMax:
+    """The largest value seen over the last `rounds` rounds: one (round, max) entry per round,
+    updated in O(1) per sample (the full maximum is recomputed only when an old round expires)."""
+
+    __slots__ = ("_rounds", "_samples", "value")
+
+    def __init__(self, rounds: int) -> None:
+        self._rounds = rounds
+        self._samples: list[tuple[int, float]] = []
+        self.value = 0.0
+
+    def update(self, rnd: int, v: float) -> None:
+        s = self._samples
+        if s and s[-1][0] == rnd:
+            if v > s[-1][1]:
+                s[-1] = (rnd, v)
+        else:
+            s.append((rnd, v))
+        if v > self.value:
+            self.value = v
+        floor = rnd - self._rounds
+        if s[0][0] <= floor:
+            while s and s[0][0] <= floor:
+                s.pop(0)
+            self.value = max(x for _, x in s) if s else 0.0
+
+    def clear(self) -> None:
+        self._samples.clear()
+        self.value = 0.0
+
+
 class BbrLite:
     """A model-based controller in the spirit of BBR. See the module docstring."""
 
@@ -126,7 +165,7 @@ class BbrLite:
         self.mss = mss
         self.cwnd = INITIAL_WINDOW_PACKETS * mss
         self.state = "startup"
-        self._bw_samples: list[tuple[int, float]] = []  # (round, rate)
+        self._bw_filter = _RoundMax(BW_WINDOW_ROUNDS)  # delivery rates, max per round
         self.btl_bw = 0.0
         self.min_rtt = float("inf")
         self._min_rtt_stamp = 0.0
@@ -141,6 +180,10 @@ class BbrLite:
         self.inflight_hi = float("inf")
         self.bw_lo = float("inf")  # lowered on lossy rounds so the pacing rate yields too
         self._delivered = 0
+        self._epoch_start = -1.0  # the current ACK-aggregation epoch (-1: none yet)
+        self._epoch_acked = 0
+        self._extra_filter = _RoundMax(EXTRA_ACKED_ROUNDS)  # ACK-aggregation excess per round
+        self.extra_acked = 0.0
 
     # --- model
 
@@ -183,23 +226,40 @@ class BbrLite:
             self.min_rtt = sample.rtt
             self._min_rtt_stamp = now
         if not sample.app_limited or sample.delivery_rate > self.btl_bw:
-            # Windowed max over the last BW_WINDOW_ROUNDS rounds: one (round, max) entry per round.
-            rate = sample.delivery_rate
-            samples = self._bw_samples
-            if samples and samples[-1][0] == self.round:
-                if rate > samples[-1][1]:
-                    samples[-1] = (self.round, rate)
-            else:
-                samples.append((self.round, rate))
-            floor = self.round - BW_WINDOW_ROUNDS
-            while samples and samples[0][0] <= floor:
-                samples.pop(0)
-            self.btl_bw = max(r for _, r in samples)
+            # Windowed max over the last BW_WINDOW_ROUNDS rounds.
+            self._bw_filter.update(self.round, sample.delivery_rate)
+            self.btl_bw = self._bw_filter.value
+        self._update_ack_aggregation(size, now)
         self._advance_state(now, in_flight)
         _, cwnd_gain = self._gains()
-        target = max(cwnd_gain * self._bdp(), MIN_WINDOW_PACKETS * self.mss, AGGREGATION_FLOOR)
+        target = max(
+            cwnd_gain * self._bdp() + self.extra_acked,
+            MIN_WINDOW_PACKETS * self.mss,
+            AGGREGATION_FLOOR,
+        )
         self.cwnd = int(min(target, self.inflight_hi))
         self.cwnd = max(self.cwnd, MIN_WINDOW_PACKETS * self.mss)
+
+    def _update_ack_aggregation(self, size: int, now: float) -> None:
+        """Track how much more was acknowledged in the current burst than the bandwidth
+        estimate explains (see EXTRA_ACKED_ROUNDS)."""
+        bw = self._bw()
+        if bw <= 0 or bw == float("inf"):
+            return
+        expected = bw * (now - self._epoch_start)
+        if (
+            self._epoch_start < 0
+            or self._epoch_acked <= expected
+            or self._epoch_acked + size > EPOCH_RESET_BYTES
+        ):
+            # Acknowledgements are keeping pace with the bandwidth: a new epoch starts here.
+            self._epoch_start = now
+            self._epoch_acked = 0
+            expected = 0.0
+        self._epoch_acked += size
+        extra = min(self._epoch_acked - expected, float(self.cwnd), bw * EXTRA_ACKED_MAX_TIME)
+        self._extra_filter.update(self.round, extra)
+        self.extra_acked = self._extra_filter.value
 
     def _end_round(self, delivered: int) -> None:
         self.round += 1
@@ -253,13 +313,17 @@ class BbrLite:
     def on_persistent_congestion(self, now: float) -> None:
         # The path went away: whatever we measured is stale. Start over, conservatively.
         self.state = "startup"
-        self._bw_samples.clear()
+        self._bw_filter.clear()
         self.btl_bw = 0.0
         self.bw_lo = float("inf")
         self.inflight_hi = float("inf")
         self._full_bw = 0.0
         self._full_bw_rounds = 0
         self.min_rtt = float("inf")
+        self._extra_filter.clear()
+        self.extra_acked = 0.0
+        self._epoch_start = -1.0
+        self._epoch_acked = 0
         self.cwnd = INITIAL_WINDOW_PACKETS * self.mss
 
 

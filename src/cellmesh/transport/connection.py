@@ -82,6 +82,10 @@ PMTU_MAX_PROBES = 3
 PMTU_RAISE_INTERVAL = 600.0
 MAX_ACK_DELAY = 0.025
 ACK_EVERY = 4
+# ...or after this many bytes of ack-eliciting packets, whichever comes first: with large
+# datagrams (64 KB on loopback and jumbo links) a window is only a few packets, and waiting for
+# the fourth would let the sender stall for a whole window before it hears anything.
+ACK_EVERY_BYTES = 32 * 1024
 PACKET_THRESHOLD = 3
 PERSISTENT_CONGESTION_PTOS = 3
 MAX_CONTROL_QUEUE = 4096
@@ -216,6 +220,7 @@ class Connection:
         self._largest_received = -1
         self._largest_received_time = now
         self._unacked_eliciting = 0
+        self._unacked_bytes = 0
         self._ack_deadline: float | None = None
         self._ack_now = False
         self._last_immediate_ack = -1.0
@@ -355,7 +360,7 @@ class Connection:
 
     # ------------------------------------------------------------------ receiving
 
-    def on_packet(self, pn: int, msgs: list[Message], now: float) -> list[Message]:
+    def on_packet(self, pn: int, msgs: list[Message], now: float, size: int = 0) -> list[Message]:
         """Process the transport records of packet `pn`; return the others for the caller.
 
         Raises `RemoteProtocolError` when the peer breaks a stream or flow-control rule.
@@ -410,7 +415,7 @@ class Connection:
                 continue
             else:
                 other.append(m)
-        self._record_received(pn, eliciting, now)
+        self._record_received(pn, eliciting, now, size)
         return other
 
     def note_received(self, pn: int, now: float) -> None:
@@ -431,7 +436,7 @@ class Connection:
             self._largest_received = hi - 1
             self._largest_received_time = now
 
-    def _record_received(self, pn: int, eliciting: bool, now: float) -> None:
+    def _record_received(self, pn: int, eliciting: bool, now: float, size: int = 0) -> None:
         gap = self._largest_received >= 0 and pn != self._largest_received + 1
         self._received.add(pn, pn + 1)
         self._ack_dirty = True
@@ -441,12 +446,13 @@ class Connection:
         if not eliciting:
             return
         self._unacked_eliciting += 1
+        self._unacked_bytes += size
         if gap and now - self._last_immediate_ack >= self.rtt.smoothed / 16:
             # A hole, or a late packet filling one: report it at once (the NACK).
             self._ack_now = True
             self._last_immediate_ack = now
             self.stats.immediate_acks += 1
-        elif self._unacked_eliciting >= ACK_EVERY:
+        elif self._unacked_eliciting >= ACK_EVERY or self._unacked_bytes >= ACK_EVERY_BYTES:
             self._ack_now = True
         elif self._ack_deadline is None:
             self._ack_deadline = now + MAX_ACK_DELAY
@@ -766,6 +772,7 @@ class Connection:
                 self._ack_dirty = False
                 self._ack_deadline = None
                 self._unacked_eliciting = 0
+                self._unacked_bytes = 0
                 self.stats.acks_sent += 1
         while self._control and len(self._control[0]) > self.mtu - HEADER_AND_TAG:
             # Too big for the path as it is now (e.g. a PONG to a large PING after the MTU fell

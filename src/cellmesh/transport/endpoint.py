@@ -1267,7 +1267,7 @@ class Endpoint:
         try:
             msgs = pull_messages(plaintext)
             if conn is not None:
-                msgs = conn.on_packet(pn, msgs, now)
+                msgs = conn.on_packet(pn, msgs, now, len(plaintext))
         except (DecodeError, RemoteProtocolError) as exc:
             self.drops["protocol_violation"] += 1
             self._seal_to(s, [Close(CloseCode.PROTOCOL_ERROR, str(exc)[:200])], now)

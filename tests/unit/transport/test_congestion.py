@@ -7,6 +7,7 @@ import pytest
 from cellmesh.transport.congestion import (
     AGGREGATION_FLOOR,
     BW_WINDOW_ROUNDS,
+    EXTRA_ACKED_MAX_TIME,
     INITIAL_WINDOW_PACKETS,
     LOSS_THRESHOLD,
     MIN_RTT_EXPIRY,
@@ -190,7 +191,9 @@ def test_bbr_cwnd_is_two_bdp_in_probe_bw() -> None:
     assert d.cc.state == "probe_bw"
     assert d.cc.min_rtt == pytest.approx(0.05)
     bdp = 10e6 * 0.05
-    assert d.cc.cwnd == pytest.approx(2 * bdp, rel=1e-6)
+    # ACKs arrive smoothly here: the aggregation allowance is one acknowledgement's worth.
+    assert d.cc.extra_acked <= MSS
+    assert d.cc.cwnd == pytest.approx(2 * bdp + d.cc.extra_acked, rel=1e-6)
     rtt = RttEstimator()
     gain = d.cc.pacing_rate(rtt) / 10e6
     assert any(gain == pytest.approx(g) for g in (0.75, 1.0, 1.25))
@@ -209,7 +212,8 @@ def test_bbr_startup_cwnd_uses_the_startup_gain() -> None:
     d.round(10e6, 0.05)
     d.round(20e6, 0.05)
     assert d.cc.state == "startup"
-    assert d.cc.cwnd == pytest.approx(STARTUP_GAIN * 20e6 * 0.05, rel=1e-6)
+    assert d.cc.extra_acked <= MSS
+    assert d.cc.cwnd == pytest.approx(STARTUP_GAIN * 20e6 * 0.05 + d.cc.extra_acked, rel=1e-6)
 
 
 def test_bbr_random_loss_below_threshold_does_not_reduce_cwnd() -> None:
@@ -294,3 +298,39 @@ def test_make_controller(name: str, cls: type) -> None:
 def test_make_controller_unknown_name(name: str) -> None:
     with pytest.raises(ValueError, match="unknown congestion controller"):
         make_controller(name, 1200)
+
+
+def _bursty_rounds(cc: BbrLite, rounds: int, rate: float, rtt: float, burst: int) -> float:
+    """Rounds whose acknowledgements come in bursts of `burst` packets at one instant, the
+    bursts spaced so that the average delivery rate is `rate` (an event loop draining a batch)."""
+    now, delivered = 0.0, 0
+    per_round = 4 * burst
+    for _ in range(rounds):
+        for i in range(per_round):
+            if i % burst == 0:
+                now += burst * MSS / rate  # the next burst, on average at the bandwidth
+            prior = delivered if i == 0 else 0
+            delivered += MSS
+            cc.on_acked(MSS, now - rtt, RateSample(rate, delivered, prior, False, rtt), now, 0)
+    return now
+
+
+def test_bbr_adds_what_arrives_in_ack_bursts_to_the_window() -> None:
+    smooth, bursty = BbrDriver(), BbrLite(MSS)
+    for _ in range(12):
+        smooth.round(10e6, 0.05, acks=80)
+    _bursty_rounds(bursty, 12, 10e6, 0.05, burst=40)
+    assert bursty.state == smooth.cc.state == "probe_bw"
+    # A burst of 40 packets acknowledged at once, beyond what the bandwidth explains.
+    assert bursty.extra_acked >= 30 * MSS
+    assert bursty.cwnd >= smooth.cc.cwnd + 30 * MSS
+    assert bursty.extra_acked <= 10e6 * EXTRA_ACKED_MAX_TIME
+
+
+def test_bbr_ack_aggregation_allowance_is_capped_and_forgotten() -> None:
+    cc = BbrLite(MSS)
+    _bursty_rounds(cc, 12, 1e6, 0.01, burst=400)  # bursts far beyond 0.1 s of bandwidth
+    assert cc.extra_acked <= 1e6 * EXTRA_ACKED_MAX_TIME + 1e-6
+    assert cc.extra_acked <= cc.cwnd
+    cc.on_persistent_congestion(100.0)
+    assert cc.extra_acked == 0.0
