@@ -50,6 +50,10 @@ class DatagramInbox:
                 w.set_result(None)
                 return
 
+    def get_nowait(self) -> tuple[bytes, bytes] | None:
+        """The oldest datagram, or None when the inbox is empty."""
+        return self._items.popleft() if self._items else None
+
     async def get_batch(self, limit: int) -> list[tuple[bytes, bytes]]:
         """Every queued datagram up to `limit` (at least one: waits while the inbox is empty)."""
         if not self._items:

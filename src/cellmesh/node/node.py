@@ -638,7 +638,8 @@ class Node:
 
     async def recv_datagram(self) -> tuple[bytes, bytes]:
         """The next (CellID, data) application datagram received."""
-        return await self._inbox.get()
+        item = self._inbox.get_nowait()  # most calls find one waiting: no inner coroutine
+        return item if item is not None else await self._inbox.get()
 
     async def recv_datagrams(self, limit: int = 1024) -> list[tuple[bytes, bytes]]:
         """Every (CellID, data) datagram waiting, up to `limit`; waits for the first one.

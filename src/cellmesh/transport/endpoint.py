@@ -217,20 +217,6 @@ class _FastPath:
     session: Session
     peer: _Peer
     conn: Connection
-    lo: int = 0
-    hi: int = 0
-    """Packet numbers [lo, hi) received but not yet noted in the connection's ACK ranges."""
-
-    def note_received(self, now: float) -> None:
-        """Hand the pending run of packet numbers to the connection."""
-        if self.hi > self.lo:
-            self.conn.note_received_range(self.lo, self.hi, now)
-            self.lo = self.hi
-
-
-_FAST_NOT_TAKEN = 0  # the frame needs the full path (nothing was done with it)
-_FAST_TAKEN = 1  # handled; the next frame may take the short path too
-_FAST_ENDED = 2  # handled, but it may have changed the session: the next one takes the full path
 
 
 def _header_fault(data: bytes) -> str:
@@ -481,20 +467,14 @@ class Endpoint:
         detector); every frame is still header-checked, replay-checked, rate-limited and
         authenticated on its own, and anything unusual takes the full path.
         """
-        fast: _FastPath | None = None
-        for data in datagrams:
-            if fast is not None:
-                taken = self._receive_fast(fast, data, addr, now)
-                if taken == _FAST_TAKEN:
-                    continue
-                fast.note_received(now)
-                if taken == _FAST_ENDED:
-                    fast = None
-                    continue
+        i, n = 0, len(datagrams)
+        while i < n:
+            data = datagrams[i]
+            i += 1
             self.receive_datagram(data, addr, now)
             fast = self._fast_path_for(data, addr, now)
-        if fast is not None:
-            fast.note_received(now)
+            if fast is not None and i < n:
+                i = self._receive_run(fast, datagrams, i, addr, now)
 
     def _fast_path_for(self, data: bytes, addr: Addr, now: float) -> _FastPath | None:
         """After `data` took the full path: may the next frames of its session take the short
@@ -522,65 +502,85 @@ class Endpoint:
             return None  # (the frame did not authenticate: it settled nothing)
         return _FastPath(f[8], s.peer.cell_id, s, p, p.conn)
 
-    def _receive_fast(self, fast: _FastPath, data: bytes, addr: Addr, now: float) -> int:
-        """One frame of the session `fast` describes, or _FAST_NOT_TAKEN (nothing done: use
-        the full path). The checks are `receive_datagram`'s; the ones that depend only on the
-        session, `addr` and `now` were made for the frame that opened the fast path."""
-        n = len(data)
-        if n < HEADER_LEN or n > self.config.max_datagram:
-            return _FAST_NOT_TAKEN
-        ver, ftype, flags, _ttl, plen, frag, src, dst, sid, pn, chan, rsvd = unpack_header(data)
+    def _receive_run(
+        self, fast: _FastPath, datagrams: list[bytes], i: int, addr: Addr, now: float
+    ) -> int:
+        """Take datagrams[i:] on the short path while they are frames of the session `fast`
+        describes; return the index of the first one left for the full path.
+
+        The checks are `receive_datagram`'s; the ones that depend only on the session, `addr`
+        and `now` were made for the frame that opened the short path."""
         s = fast.session
-        if not (
-            sid == fast.sid
-            and ftype == _DATA
-            and src == fast.src
-            and dst == self.cell_id
-            and ver == WIRE_VERSION
-            and not (flags & ~KNOWN_FLAGS or frag or rsvd or chan)
-            and plen == n - HEADER_LEN
-            and src not in self._deny
-            and not self._any_banned
-            and s.replay.check(pn)
-        ):
-            return _FAST_NOT_TAKEN
-        self._datagrams_in += 1
-        self._bytes_in += n
-        if self._peer_buckets is not None and not self._peer_buckets.take(src, now):
-            self.drops["peer_rate"] += 1
-            return _FAST_TAKEN
-        if self._global_bucket is not None and not self._global_bucket.take(now):
-            self.drops["global_rate"] += 1
-            return _FAST_TAKEN
-        try:
-            plaintext = s.open_checked(
-                pn,
-                data[:_TTL_OFFSET] + b"\0" + data[_TTL_OFFSET + 1 : HEADER_LEN],
-                data[HEADER_LEN:],
-                now,
-            )
-        except (ReplayError, NonceExhaustedError):
-            self.drops["replay"] += 1
-            return _FAST_TAKEN
-        except AuthenticationError:
-            self.drops["auth_failed"] += 1
-            return _FAST_TAKEN
-        app = pull_single_app(plaintext)
-        if app is not None:
-            if pn == fast.hi:
-                fast.hi = pn + 1  # a GRO batch is a run of consecutive packet numbers
+        sid0, src0, conn = fast.sid, fast.src, fast.conn
+        me, deny, drops = self.cell_id, self._deny, self.drops
+        max_datagram = self.config.max_datagram
+        check, open_checked = s.replay.check, s.open_checked
+        peer_buckets, global_bucket = self._peer_buckets, self._global_bucket
+        sink, events = self.datagram_sink, self._events
+        lo = hi = -1  # a run of packet numbers to note in the connection's ACK ranges at once
+        n = len(datagrams)
+        while i < n:
+            data = datagrams[i]
+            size = len(data)
+            if size < HEADER_LEN or size > max_datagram:
+                break
+            ver, ftype, flags, _ttl, plen, frag, src, dst, sid, pn, chan, rsvd = unpack_header(data)
+            if not (
+                sid == sid0
+                and ftype == _DATA
+                and src == src0
+                and dst == me
+                and ver == WIRE_VERSION
+                and not (flags & ~KNOWN_FLAGS or frag or rsvd or chan)
+                and plen == size - HEADER_LEN
+                and src not in deny
+                and not self._any_banned
+                and check(pn)
+            ):
+                break  # nothing done with it: the full path decides
+            i += 1
+            self._datagrams_in += 1
+            self._bytes_in += size
+            if peer_buckets is not None and not peer_buckets.take(src, now):
+                drops["peer_rate"] += 1
+                continue
+            if global_bucket is not None and not global_bucket.take(now):
+                drops["global_rate"] += 1
+                continue
+            try:
+                plaintext = open_checked(
+                    pn,
+                    data[:_TTL_OFFSET] + b"\0" + data[_TTL_OFFSET + 1 : HEADER_LEN],
+                    data[HEADER_LEN:],
+                    now,
+                )
+            except (ReplayError, NonceExhaustedError):
+                drops["replay"] += 1
+                continue
+            except AuthenticationError:
+                drops["auth_failed"] += 1
+                continue
+            app = pull_single_app(plaintext)
+            if app is None:
+                # Anything else may change the session or the peer: note the run so far,
+                # handle this one in full, and leave the rest to the full path.
+                if hi > lo:
+                    conn.note_received_range(lo, hi, now)
+                self._on_plaintext(fast.peer, s, pn, plaintext, addr, now)
+                return i
+            if pn == hi:
+                hi = pn + 1  # a GRO batch is a run of consecutive packet numbers
             else:
-                fast.note_received(now)
-                fast.lo, fast.hi = pn, pn + 1
-            if self.datagram_sink is not None:
-                self.datagram_sink(fast.src, app)
+                if hi > lo:
+                    conn.note_received_range(lo, hi, now)
+                lo, hi = pn, pn + 1
+            if sink is not None:
+                sink(src0, app)
             else:
-                self._events.append(DatagramReceived(fast.src, app))
-            return _FAST_TAKEN
-        # Anything else may change the session or the peer: handle it, then re-check.
-        fast.note_received(now)
-        self._on_plaintext(fast.peer, s, pn, plaintext, addr, now)
-        return _FAST_ENDED
+                events.append(DatagramReceived(src0, app))
+        if hi > lo:
+            conn.note_received_range(lo, hi, now)
+        return i
 
     def datagrams_to_send(self) -> list[tuple[bytes, Addr]]:
         """Take every datagram the endpoint wants sent, with its destination."""
@@ -980,8 +980,9 @@ class Endpoint:
             return
         sent = 0
         out = self._out
-        wants, build, seal, addr = conn.wants_to_send, conn.build_packet, s.seal, s.addr
-        while sent < MAX_BURST and wants(now):
+        build, seal, addr = conn.build_packet, s.seal, s.addr
+        # (build_packet returns None exactly when wants_to_send would say no.)
+        while sent < MAX_BURST:
             plaintext = build(s.send_counter, now)
             if plaintext is None:
                 break
