@@ -59,6 +59,7 @@ from cellmesh.wire.messages import (
     StreamFrame,
     Trace,
     push_message,
+    push_stream_parts,
 )
 
 HEADER_AND_TAG = 64 + 16
@@ -925,10 +926,13 @@ class Connection:
             if is_new:
                 self._sent_new += len(data)
                 self.stats.stream_bytes_sent += len(data)
-            add(
-                push_message(StreamFrame(sid, offset, data, fin)),
-                ("s", sid, offset, len(data), fin),
-            )
+            head, body = push_stream_parts(sid, offset, data, fin)
+            if used + len(head) + len(body) <= limit:  # (next_frame sized it to fit)
+                parts.append(head)
+                parts.append(body)
+                frames.append(("s", sid, offset, len(data), fin))
+                used += len(head) + len(body)
+                eliciting = True
             self._rr.rotate(-1)
             if s.has_data():
                 turns += 1  # keep filling this packet while there is room

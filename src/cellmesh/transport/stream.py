@@ -108,7 +108,7 @@ class SendStream:
                 stop = acked_next  # do not resend bytes the peer already has
             if stop < end:
                 self._retransmit.add(stop, end)
-            return start, bytes(self._buf[start - self.base : stop - self.base]), False, False
+            return start, _copy(self._buf, start - self.base, stop - self.base), False, False
         limit = min(self.write_offset, self.max_data, self.next_offset + conn_credit)
         n = min(max_len, limit - self.next_offset)
         end_of_stream = self.fin_written and self.next_offset + max(n, 0) == self.write_offset
@@ -119,7 +119,7 @@ class SendStream:
             return self.write_offset, b"", True, False
         n = max(n, 0)
         start = self.next_offset
-        data = bytes(self._buf[start - self.base : start - self.base + n])
+        data = _copy(self._buf, start - self.base, start - self.base + n)
         self.next_offset += n
         fin = end_of_stream
         if fin:
@@ -211,6 +211,18 @@ class RecvStream:
         self.highest = max(self.highest, end)
         if self.reset_code is not None:
             return b"", False
+        if offset == self.delivered and not self._offsets:
+            # In order with nothing buffered (nearly every frame on a clean path): the data is
+            # deliverable as it is, without buffering and copying.
+            self.delivered = end
+            fin_now = (
+                not self.fin_delivered
+                and self.final_size is not None
+                and self.delivered == self.final_size
+            )
+            if fin_now:
+                self.fin_delivered = True
+            return data, fin_now
         if end > self.delivered and data:
             # Keep only the parts no buffered chunk covers yet, so overlapping retransmissions
             # cannot make buffering exceed the window.
@@ -276,3 +288,10 @@ class RecvStream:
         return self.reset_code is not None or (
             self.fin_delivered and self.consumed >= self.delivered
         )
+
+
+def _copy(buf: bytearray, start: int, stop: int) -> bytes:
+    """buf[start:stop] as bytes, copied once (a bytearray slice would copy twice); the view is
+    released before the buffer can be resized again."""
+    with memoryview(buf) as view:
+        return bytes(view[start:stop])

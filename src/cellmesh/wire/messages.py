@@ -292,6 +292,7 @@ U32_MAX = 2**32 - 1
 
 _REC = struct.Struct("!BH")
 _APP = int(MsgType.APP)
+_STREAM = int(MsgType.STREAM)
 _U64 = struct.Struct("!Q")
 _U32 = struct.Struct("!I")
 _CHANNEL_MSG = struct.Struct("!QI")
@@ -409,15 +410,7 @@ def _decode_one(t: int, body: bytes) -> Message | None:
     if t == MsgType.APP:
         return AppData(body)
     if t == MsgType.STREAM:
-        if len(body) < _STREAM_HEAD.size:
-            raise TruncatedError("STREAM header cut short")
-        sid, off, flags = _STREAM_HEAD.unpack_from(body, 0)
-        if flags & ~_FIN:
-            raise MalformedError("unknown STREAM flags")
-        data = body[_STREAM_HEAD.size :]
-        if off + len(data) > U64_MAX:
-            raise MalformedError("STREAM data beyond 2**64")
-        return StreamFrame(sid, off, data, bool(flags & _FIN))
+        return _stream_frame(body, 0, len(body))
     if t == MsgType.ACK:
         return _decode_ack(body)
     if t == MsgType.RESET_STREAM:
@@ -559,6 +552,30 @@ def push_app(data: bytes) -> bytes:
     return _REC.pack(_APP, len(data)) + data
 
 
+def _stream_frame(buf: bytes, start: int, end: int) -> StreamFrame:
+    """The STREAM record whose body is buf[start:end] (the data is copied once, here)."""
+    if end - start < _STREAM_HEAD.size:
+        raise TruncatedError("STREAM header cut short")
+    sid, off, flags = _STREAM_HEAD.unpack_from(buf, start)
+    if flags & ~_FIN:
+        raise MalformedError("unknown STREAM flags")
+    data = buf[start + _STREAM_HEAD.size : end]
+    if off + len(data) > U64_MAX:
+        raise MalformedError("STREAM data beyond 2**64")
+    return StreamFrame(sid, off, data, bool(flags & _FIN))
+
+
+def push_stream_parts(stream_id: int, offset: int, data: bytes, fin: bool) -> tuple[bytes, bytes]:
+    """`push_message(StreamFrame(...))` as (record and stream header, data), for a packet
+    builder that joins its parts once instead of copying the data into a record first."""
+    if len(data) + _STREAM_HEAD.size > MAX_RECORD_BODY:
+        raise OversizeError(f"STREAM data of {len(data)} bytes exceeds one record")
+    head = _REC.pack(_STREAM, _STREAM_HEAD.size + len(data)) + _STREAM_HEAD.pack(
+        stream_id, offset, _FIN if fin else 0
+    )
+    return head, data
+
+
 def pull_single_app(buf: bytes) -> bytes | None:
     """The data of a plaintext that is exactly one APP record, else None (then use
     `pull_messages`): the shape of nearly every unreliable datagram, decoded without objects."""
@@ -579,7 +596,13 @@ def pull_messages(buf: bytes) -> list[Message]:
         pos += _REC.size
         if ln > n - pos:
             raise TruncatedError(f"record announces {ln} bytes, {n - pos} remain")
-        m = _decode_one(t, buf[pos : pos + ln])
+        # STREAM, the bulk of a transfer, is decoded straight from the plaintext (one copy of
+        # its data instead of two).
+        m = (
+            _stream_frame(buf, pos, pos + ln)
+            if t == _STREAM
+            else _decode_one(t, buf[pos : pos + ln])
+        )
         pos += ln
         if m is not None:
             out.append(m)
