@@ -54,7 +54,9 @@ def row(label: str, us: float, note: str = "") -> None:
 
 def session_pair() -> tuple[Endpoint, Endpoint]:
     a, b = Identity.generate(), Identity.generate()
-    ea, eb = endpoint_pair(a, b, NodeConfig(listen=(f"{LOOPBACK}:0",)))
+    # No per-peer packet budget: the stages below run at a fixed `now`, where the default
+    # budget (100,000 packets/s, burst 10,000) would soon drop every datagram unopened.
+    ea, eb = endpoint_pair(a, b, NodeConfig(listen=(f"{LOOPBACK}:0",), peer_packet_rate=0))
     endpoint_handshake(ea, eb)
     while ea.next_event() is not None or eb.next_event() is not None:
         pass
@@ -90,6 +92,10 @@ def receive_path(number: int) -> None:
         receive(next(it), A_ADDR, 0.0)
         if len(got) > 1000:
             got.clear()
+
+    def check_nothing_dropped() -> None:
+        if eb.drops:
+            raise RuntimeError(f"datagrams were dropped, the figure would be wrong: {eb.drops}")
 
     d = dgs[0]
     s = eb.session_for(ea.cell_id)
@@ -129,6 +135,7 @@ def receive_path(number: int) -> None:
         best_us(full, number),
         "<- the sans-IO core",
     )
+    check_nothing_dropped()
     row("  pull_header (FrameHeader + FrameType + checks)", best_us(lambda: pull_header(d), number))
     row("  associated_data (copy, TTL zeroed)", best_us(lambda: associated_data(d), number))
     row(
@@ -226,7 +233,8 @@ def send_path(number: int) -> None:
 async def node_send_cost(number: int) -> None:
     from cellmesh.node.node import Node
 
-    cfg = NodeConfig(listen=(f"{LOOPBACK}:0",))
+    # max_datagram 1200: one datagram per packet, as in bench_datagram_rate (no coalescing).
+    cfg = NodeConfig(listen=(f"{LOOPBACK}:0",), max_datagram=WIRE, peer_packet_rate=0)
     async with Node(Identity.generate(), cfg) as a, Node(Identity.generate(), cfg) as b:
         cell = await a.connect(b.local_addresses()[0])
         payload = bytes(OURS_PAYLOAD)
