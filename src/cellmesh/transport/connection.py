@@ -159,6 +159,10 @@ class ConnectionStats:
     control_dropped: int = 0
 
 
+def _pn_of(p: SentPacket) -> int:
+    return p.pn
+
+
 class Connection:
     """Reliable delivery to one peer. See the module docstring."""
 
@@ -557,15 +561,19 @@ class Connection:
             return
         if largest > self._largest_acked:
             self._largest_acked = largest
-        newest = max(newly, key=lambda p: p.pn)
+        newly.sort(key=_pn_of)
+        newest = newly[-1]
         if newest.pn == largest and newest.ack_eliciting:
             self.rtt.update(now - newest.time, ack.delay_us / 1e6, MAX_ACK_DELAY)
-        for p in sorted(newly, key=lambda p: p.pn):
-            self._on_packet_acked(p, now)
+        runs: dict[int, list[Any]] = {}  # stream id -> [start, end, fin] of acknowledged bytes
+        for p in newly:
+            self._on_packet_acked(p, now, runs)
+        for sid, (start, end, fin) in runs.items():
+            self._stream_acked(sid, start, end - start, fin)
         self._pto_count = 0
         self._detect_losses(now)
 
-    def _on_packet_acked(self, p: SentPacket, now: float) -> None:
+    def _on_packet_acked(self, p: SentPacket, now: float, runs: dict[int, list[Any]]) -> None:
         self.stats.packets_acked += 1
         if p.in_flight:
             self.bytes_in_flight -= p.size
@@ -593,22 +601,32 @@ class Connection:
             self._big_losses = 0
             self._last_big_ack = now
         for f in p.frames:
-            kind = f[0]
-            if kind == "s":
-                s = self._send.get(f[1])
-                if s is not None:
-                    before = s.buffered
-                    was_done = s.done
-                    s.on_acked(f[2], f[3], f[4])
-                    if (
-                        f[1] in self._blocked
-                        and s.buffered < self.params.send_buffer // 2 <= before
-                    ):
-                        self._blocked.discard(f[1])
-                        self.events.append(("writable", f[1]))
-                    if s.done and not was_done and s.reset_code is None:
-                        self.events.append(("finished", f[1]))
-                    self._maybe_forget(f[1])
+            if f[0] == "s":
+                # Contiguous pieces of one stream acknowledged together are handed to it as
+                # one range (a bulk transfer's ACK covers several packets of one stream).
+                sid, off, length, fin = f[1], f[2], f[3], f[4]
+                run = runs.get(sid)
+                if run is not None and run[1] == off and not run[2]:
+                    run[1] = off + length
+                    run[2] = fin
+                else:
+                    if run is not None:
+                        self._stream_acked(sid, run[0], run[1] - run[0], run[2])
+                    runs[sid] = [off, off + length, fin]
+
+    def _stream_acked(self, sid: int, offset: int, length: int, fin: bool) -> None:
+        s = self._send.get(sid)
+        if s is None:
+            return
+        before = s.buffered
+        was_done = s.done
+        s.on_acked(offset, length, fin)
+        if sid in self._blocked and s.buffered < self.params.send_buffer // 2 <= before:
+            self._blocked.discard(sid)
+            self.events.append(("writable", sid))
+        if s.done and not was_done and s.reset_code is None:
+            self.events.append(("finished", sid))
+        self._maybe_forget(sid)
 
     def _detect_losses(self, now: float) -> None:
         self._loss_time = None
@@ -885,16 +903,20 @@ class Connection:
 
         if self._max_data_pending and add(push_message(MaxData(self._local_max_data)), ("d",)):
             self._max_data_pending = False
-        for sid in list(self._max_stream_pending):
-            r = self._recv.get(sid)
-            if r is None or add(push_message(MaxStreamData(sid, r.max_data)), ("w", sid)):
-                self._max_stream_pending.discard(sid)
-        for sid, (code, final) in list(self._reset_pending.items()):
-            if add(push_message(ResetStream(sid, code, final)), ("r", sid, code, final)):
-                del self._reset_pending[sid]
-        for sid, code in list(self._stop_pending.items()):
-            if add(push_message(StopSending(sid, code)), ("x", sid, code)):
-                del self._stop_pending[sid]
+        # (Each loop is guarded: building a packet must not copy three empty collections.)
+        if self._max_stream_pending:
+            for sid in list(self._max_stream_pending):
+                r = self._recv.get(sid)
+                if r is None or add(push_message(MaxStreamData(sid, r.max_data)), ("w", sid)):
+                    self._max_stream_pending.discard(sid)
+        if self._reset_pending:
+            for sid, (code, final) in list(self._reset_pending.items()):
+                if add(push_message(ResetStream(sid, code, final)), ("r", sid, code, final)):
+                    del self._reset_pending[sid]
+        if self._stop_pending:
+            for sid, code in list(self._stop_pending.items()):
+                if add(push_message(StopSending(sid, code)), ("x", sid, code)):
+                    del self._stop_pending[sid]
         if self._max_msgs_pending and add(push_message(MaxMessages(self._local_msg_limit)), ("n",)):
             self._max_msgs_pending = False
         while (
