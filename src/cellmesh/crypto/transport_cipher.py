@@ -72,7 +72,7 @@ class TransportCipher:
         nonce = _PACK_NONCE(pn) if 0 <= pn <= MAX_PN else self._nonce(pn)
         return self._aead.encrypt(nonce, plaintext, ad)
 
-    def open(self, pn: int, ad: bytes, ciphertext: bytes) -> bytes:
+    def open(self, pn: int, ad: bytes, ciphertext: bytes | memoryview) -> bytes:
         """Verify and decrypt packet `pn`; raises `AuthenticationError` if it does not verify."""
         nonce = _PACK_NONCE(pn) if 0 <= pn <= MAX_PN else self._nonce(pn)
         try:

@@ -143,7 +143,10 @@ class Stream:
                 self._writable.clear()
                 await self._writable.wait()
                 continue
-            part = bytes(view[:space])
+            if space >= len(view) and len(view) == len(data) and type(data) is bytes:
+                part = data  # all of it fits (the usual case): no copy before the stream's own
+            else:
+                part = bytes(view[:space])
             self._node._stream_write(self, part, fin=False)
             self.bytes_written += len(part)
             view = view[space:]

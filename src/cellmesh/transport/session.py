@@ -126,7 +126,7 @@ class Session:
         # On the wire the hop TTL is set (it is zero in the associated data): one copy.
         return b"".join((ad[:_TTL_OFFSET], _WIRE_TTL, ad[_TTL_OFFSET + 1 :], ct))
 
-    def open_checked(self, pn: int, ad: bytes, ciphertext: bytes, now: float) -> bytes:
+    def open_checked(self, pn: int, ad: bytes, ciphertext: bytes | memoryview, now: float) -> bytes:
         """`open` for a caller that has just seen `replay.check(pn)` succeed (the receive path
         checks before it spends anything on a packet): the same, without asking twice."""
         plaintext = self.recv.open(pn, ad, ciphertext)
