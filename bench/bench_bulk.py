@@ -576,6 +576,12 @@ def _cc_state(cc: object) -> str:
     hi = getattr(cc, "inflight_hi", None)
     if isinstance(hi, float | int) and hi != float("inf"):
         parts.append(f"inflight_hi={hi:.0f}")
+    lo = getattr(cc, "bw_lo", None)
+    if isinstance(lo, float) and lo != float("inf"):
+        parts.append(f"bw_lo={lo * 1e-6:.3g}MB/s")
+    extra = getattr(cc, "extra_acked", None)
+    if isinstance(extra, float):
+        parts.append(f"extra_acked={extra:.0f}")
     return " ".join(parts)
 
 

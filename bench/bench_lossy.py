@@ -533,7 +533,7 @@ def recovery_text(t: Transfer) -> str:
         return cpu + (
             f"cellmesh declared {s.get('packets_lost')} of {s.get('packets_sent')} packets lost, "
             f"resent {s.get('bytes_retransmitted')} bytes, {s.get('pto_count')} probe timeouts, "
-            f"path MTU {s.get('mtu')}"
+            f"path MTU {s.get('mtu')}; controller at the end: {s.get('cc')}"
         )
     return ""
 

@@ -39,6 +39,13 @@ EXTRA_ACKED_ROUNDS = 10
 EXTRA_ACKED_MAX_TIME = 0.1
 EPOCH_RESET_BYTES = 1 << 30  # an aggregation epoch this long is restarted (a counter bound)
 LOSS_THRESHOLD = 0.15
+# Evidence needed before a lossy round counts as congestion: with few packets per round, random
+# loss alone often crosses the ratio (5% loss, 13 packets: two lost is 15.4%, about one round in
+# seven), and one such round at the very start used to end startup at a few hundred KB/s, from
+# where probing up takes seconds. A round needs LOSS_MIN_PACKETS lost to cut the ceilings, and
+# STARTUP_LOSS_PACKETS (BBRv2's full_loss_cnt) to end startup.
+LOSS_MIN_PACKETS = 3
+STARTUP_LOSS_PACKETS = 8
 BW_WINDOW_ROUNDS = 10
 MIN_RTT_EXPIRY = 10.0
 STARTUP_GAIN = 2.885
@@ -265,12 +272,20 @@ class BbrLite:
         self.round += 1
         self._next_round_delivered = delivered
         total = self._round_lost + self._round_acked
-        if total >= 8 and self._round_lost / total > LOSS_THRESHOLD:
+        lost = self._round_lost
+        if (
+            self.btl_bw > 0  # a round before any bandwidth sample (e.g. data sent ahead of a
+            # handshake message that was lost) says nothing about the path's capacity
+            and total >= 8
+            and lost >= LOSS_MIN_PACKETS
+            and lost / total > LOSS_THRESHOLD
+        ):
             # Real congestion (BBRv2 style): cap what we keep in flight and the rate we pace at,
-            # so a flow that filled a shallow queue yields to the others; and leave startup.
+            # so a flow that filled a shallow queue yields to the others; and leave startup once
+            # the evidence is strong.
             self.inflight_hi = max(0.7 * self.cwnd, MIN_WINDOW_PACKETS * self.mss)
             self.bw_lo = max(0.85 * self._bw(), 1.0) if self.btl_bw > 0 else self.bw_lo
-            if self.state == "startup":
+            if self.state == "startup" and lost >= STARTUP_LOSS_PACKETS:
                 self.state = "drain"
         else:
             # A clean round: probe back up multiplicatively, and drop the caps once past them.

@@ -13,6 +13,7 @@ from cellmesh.transport.congestion import (
     MIN_RTT_EXPIRY,
     MIN_WINDOW_PACKETS,
     STARTUP_GAIN,
+    STARTUP_LOSS_PACKETS,
     BbrLite,
     CongestionController,
     NewReno,
@@ -233,7 +234,7 @@ def test_bbr_heavy_loss_round_caps_inflight_and_leaves_startup() -> None:
     d.round(20e6, 0.05)
     assert d.cc.state == "startup"
     before = d.cc.cwnd
-    d.round(20e6, 0.05, acks=20, lost=6)  # 6 / 26 ~ 23% > 15%
+    d.round(20e6, 0.05, acks=30, lost=9)  # 9 / 39 ~ 23% > 15%, and at least 8 lost
     d.round(20e6, 0.05)  # the round with the losses ends here
     assert d.cc.inflight_hi == pytest.approx(0.7 * before)
     assert d.cc.cwnd <= d.cc.inflight_hi
@@ -247,6 +248,41 @@ def test_bbr_heavy_loss_round_caps_inflight_and_leaves_startup() -> None:
         d.round(20e6, 0.05)
     assert d.cc.inflight_hi == float("inf")
     assert d.cc.bw_lo == float("inf")
+
+
+def test_bbr_a_few_losses_in_a_small_round_are_not_congestion() -> None:
+    # 2 of 10 lost is 20%, but random loss of 5% does that to one round in twelve: not evidence.
+    d = BbrDriver()
+    d.round(10e6, 0.05)
+    d.round(20e6, 0.05, acks=8, lost=2)
+    d.round(20e6, 0.05)
+    assert d.cc.inflight_hi == float("inf")
+    assert d.cc.bw_lo == float("inf")
+    assert d.cc.state == "startup"
+
+
+def test_bbr_losses_cut_but_do_not_end_startup_without_enough_of_them() -> None:
+    d = BbrDriver()
+    d.round(10e6, 0.05)
+    d.round(20e6, 0.05, acks=12, lost=4)  # 25%, 4 lost: the ceilings are cut...
+    d.round(20e6, 0.05)
+    assert d.cc.inflight_hi != float("inf")
+    assert d.cc.state == "startup"  # ...but 4 losses are not enough to end startup (8 are)
+    assert STARTUP_LOSS_PACKETS == 8
+
+
+def test_bbr_a_lossy_first_round_before_any_sample_changes_nothing() -> None:
+    # Data sent ahead of a lost handshake message is lost together; nothing was measured yet.
+    cc = BbrLite(MSS)
+    for i in range(13):
+        if i:
+            cc.on_lost(MSS, 0.0, 0.01)
+        else:
+            cc.on_acked(MSS, 0.0, None, 0.01, 0)
+    cc.on_acked(MSS, 0.0, RateSample(1e6, 14 * MSS, 13 * MSS, False, 0.02), 0.02, 0)
+    assert cc.state == "startup"
+    assert cc.inflight_hi == float("inf")
+    assert cc.bw_lo == float("inf")
 
 
 def test_bbr_few_packets_in_a_round_are_not_judged_for_loss() -> None:
