@@ -145,11 +145,4 @@ class Session:
         """
         if not self.replay.check(pn):
             raise ReplayError("packet number replayed or older than the window")
-        plaintext = self.recv.open(pn, ad, ciphertext)
-        self.replay.accept(pn)
-        self.last_recv = now
-        self.confirmed = True
-        c = self.counters
-        c.packets_in += 1
-        c.bytes_in += HEADER_LEN + len(ciphertext)
-        return plaintext
+        return self.open_checked(pn, ad, ciphertext, now)

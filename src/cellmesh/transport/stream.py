@@ -215,14 +215,7 @@ class RecvStream:
             # In order with nothing buffered (nearly every frame on a clean path): the data is
             # deliverable as it is, without buffering and copying.
             self.delivered = end
-            fin_now = (
-                not self.fin_delivered
-                and self.final_size is not None
-                and self.delivered == self.final_size
-            )
-            if fin_now:
-                self.fin_delivered = True
-            return data, fin_now
+            return data, self._fin_now()
         if end > self.delivered and data:
             # Keep only the parts no buffered chunk covers yet, so overlapping retransmissions
             # cannot make buffering exceed the window.
@@ -254,14 +247,14 @@ class RecvStream:
                 out += chunk[self.delivered - first :]
                 self.delivered = chunk_end
         self._buffered.remove_below(self.delivered)
-        fin_now = (
-            not self.fin_delivered
-            and self.final_size is not None
-            and self.delivered == self.final_size
-        )
-        if fin_now:
-            self.fin_delivered = True
-        return bytes(out), fin_now
+        return bytes(out), self._fin_now()
+
+    def _fin_now(self) -> bool:
+        """Whether everything up to the final size has just been delivered (true once)."""
+        if self.fin_delivered or self.final_size is None or self.delivered != self.final_size:
+            return False
+        self.fin_delivered = True
+        return True
 
     @property
     def buffered_out_of_order(self) -> int:
