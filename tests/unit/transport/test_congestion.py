@@ -12,6 +12,7 @@ from cellmesh.transport.congestion import (
     LOSS_THRESHOLD,
     MIN_RTT_EXPIRY,
     MIN_WINDOW_PACKETS,
+    QUEUE_RTT_FACTOR,
     STARTUP_GAIN,
     STARTUP_LOSS_PACKETS,
     BbrLite,
@@ -261,13 +262,23 @@ def test_bbr_a_few_losses_in_a_small_round_are_not_congestion() -> None:
     assert d.cc.state == "startup"
 
 
-def test_bbr_losses_cut_but_do_not_end_startup_without_enough_of_them() -> None:
-    d = BbrDriver()
-    d.round(10e6, 0.05)
-    d.round(20e6, 0.05, acks=12, lost=4)  # 25%, 4 lost: the ceilings are cut...
-    d.round(20e6, 0.05)
-    assert d.cc.inflight_hi != float("inf")
-    assert d.cc.state == "startup"  # ...but 4 losses are not enough to end startup (8 are)
+def test_bbr_in_startup_losses_cut_only_while_a_queue_shows() -> None:
+    # Random loss on a path whose RTT stays at its minimum: startup probes on, uncapped.
+    clean = BbrDriver()
+    clean.round(10e6, 0.05)
+    clean.round(20e6, 0.05, acks=12, lost=4)  # 25%, 4 lost, RTT unchanged
+    clean.round(20e6, 0.05)
+    assert clean.cc.state == "startup"
+    assert clean.cc.inflight_hi == float("inf")
+    assert clean.cc.bw_lo == float("inf")
+    # The same losses while the RTT has grown (a queue filling up): the ceilings are cut...
+    queue = BbrDriver()
+    queue.round(10e6, 0.05)
+    queue.round(20e6, 0.05 * QUEUE_RTT_FACTOR * 1.2, acks=12, lost=4)
+    queue.round(20e6, 0.05)
+    assert queue.cc.inflight_hi != float("inf")
+    assert queue.cc.bw_lo != float("inf")
+    assert queue.cc.state == "startup"  # ...but 4 losses do not end startup (8 do)
     assert STARTUP_LOSS_PACKETS == 8
 
 
