@@ -112,6 +112,14 @@ class Counter:
     last: float = 0.0
     bad: int = 0
 
+    def note(self, n: int, nbytes: int, t: float) -> None:
+        """`n` datagrams of `nbytes` in all reached the application at `t` (both sides alike)."""
+        if self.count == 0:
+            self.first = t
+        self.count += n
+        self.nbytes += nbytes
+        self.last = t
+
     def reset(self) -> None:
         self.count = self.nbytes = self.bad = 0
         self.first = self.last = 0.0
@@ -171,21 +179,11 @@ async def _node_receiver(conn: Connection) -> None:
                 recv = node.recv_datagram
                 while True:
                     _, data = await recv()
-                    t = clock()
-                    if c.count == 0:
-                        c.first = t
-                    c.count += 1
-                    c.nbytes += len(data)
-                    c.last = t
+                    c.note(1, len(data), clock())
             recv_batch = node.recv_datagrams
             while True:
                 batch = await recv_batch()
-                t = clock()
-                if c.count == 0:
-                    c.first = t
-                c.count += len(batch)
-                c.nbytes += sum([len(data) for _, data in batch])
-                c.last = t
+                c.note(len(batch), sum([len(data) for _, data in batch]), clock())
 
         loop.add_reader(conn.fileno(), on_command)
         conn.send((node.local_addresses()[0], node.cell_id))
@@ -236,12 +234,7 @@ def _raw_receiver(conn: Connection) -> None:
                     except InvalidTag:
                         c.bad += 1
                         continue
-                    t = clock()
-                    if c.count == 0:
-                        c.first = t
-                    c.count += 1
-                    c.nbytes += len(plain)
-                    c.last = t
+                    c.note(1, len(plain), clock())
                 continue
             try:
                 cmd = conn.recv()
