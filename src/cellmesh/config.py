@@ -180,7 +180,28 @@ class NodeConfig:
     )
     send_buffer: int = field(
         default=4 * 1024 * 1024,
-        metadata=_doc("Unacknowledged bytes buffered per stream before writers wait."),
+        metadata=_doc(
+            "Unacknowledged bytes buffered per stream before writers wait (the starting size: "
+            "it follows 2x the congestion window up to send_buffer_max)."
+        ),
+    )
+    stream_window_max: int = field(
+        default=16 * 1024 * 1024,
+        metadata=_doc(
+            "Largest stream_window auto-tuning may grow to, for a reader that keeps up with a "
+            "fast sender (it doubles when window updates go out under 2 RTTs apart)."
+        ),
+    )
+    connection_window_max: int = field(
+        default=64 * 1024 * 1024,
+        metadata=_doc(
+            "Largest connection_window auto-tuning may grow to: the most one peer can make us "
+            "buffer for a reader that stops reading."
+        ),
+    )
+    send_buffer_max: int = field(
+        default=16 * 1024 * 1024,
+        metadata=_doc("Largest send buffer per stream, however large the congestion window."),
     )
     max_streams: int = field(
         default=1024, metadata=_doc("Streams open at once per peer, in each direction.")
@@ -787,6 +808,16 @@ def _problems(v: Mapping[str, Any]) -> Iterator[tuple[tuple[str, ...], str]]:
             f"stream_window ({v['stream_window']})",
         )
     yield from int_range("send_buffer", MIN_WINDOW, MAX_WINDOW)
+    for name in ("stream_window_max", "connection_window_max", "send_buffer_max"):
+        yield from int_range(name, MIN_WINDOW, MAX_WINDOW)
+    for small, large in (
+        ("stream_window", "stream_window_max"),
+        ("connection_window", "connection_window_max"),
+        ("send_buffer", "send_buffer_max"),
+        ("stream_window_max", "connection_window_max"),
+    ):
+        if v[large] < v[small]:
+            yield ((large, small), f"{large} ({v[large]}) must be at least {small} ({v[small]})")
     yield from int_range("max_streams", 1, 65536)
     yield from positive("failure_threshold", "phi")
     if v["mesh_key"]:

@@ -45,6 +45,9 @@ EXPECTED_DEFAULTS: dict[str, object] = {
     "stream_window": 4 * 1024 * 1024,
     "connection_window": 16 * 1024 * 1024,
     "send_buffer": 4 * 1024 * 1024,
+    "stream_window_max": 16 * 1024 * 1024,
+    "connection_window_max": 64 * 1024 * 1024,
+    "send_buffer_max": 16 * 1024 * 1024,
     "max_streams": 1024,
     "discovery": True,
     "mesh_name": "cellmesh",
@@ -328,6 +331,23 @@ def test_type_errors(text: str, message: str) -> None:
             {"connection_window": 1 << 19, "stream_window": 1 << 20},
             "connection_window (524288) must be at least stream_window (1048576)",
         ),
+        (
+            {"stream_window": 1 << 25, "connection_window": 1 << 26},
+            "stream_window_max (16777216) must be at least stream_window (33554432)",
+        ),
+        (
+            {"connection_window_max": 1 << 20},
+            "connection_window_max (1048576) must be at least connection_window (16777216)",
+        ),
+        (
+            {"send_buffer_max": 1 << 20},
+            "send_buffer_max (1048576) must be at least send_buffer (4194304)",
+        ),
+        (
+            {"stream_window_max": 1 << 27},
+            "connection_window_max (67108864) must be at least stream_window_max (134217728)",
+        ),
+        ({"send_buffer_max": 10}, "send_buffer_max must be between 65536 and"),
         ({"max_streams": 0}, "max_streams must be between 1 and 65536"),
         ({"failure_threshold": 0.0}, "failure_threshold must be a positive number"),
         ({"anchor_pulse_interval": 0.1}, "anchor_pulse_interval must be between 0.5 and 60 seconds, got 0.1"),

@@ -33,7 +33,7 @@ from cellmesh.errors import LocalProtocolError, RemoteProtocolError
 from cellmesh.transport.congestion import RateSample, make_controller
 from cellmesh.transport.ranges import RangeSet
 from cellmesh.transport.rtt import RttEstimator
-from cellmesh.transport.stream import RecvStream, SendStream
+from cellmesh.transport.stream import RecvStream, SendStream, grown_window
 from cellmesh.wire.messages import (
     Ack,
     AppData,
@@ -117,6 +117,9 @@ class TransportParams:
     max_datagram: int = 65507
     stream_window: int = 4 * 1024 * 1024
     connection_window: int = 16 * 1024 * 1024
+    stream_window_max: int = 16 * 1024 * 1024  # auto-tuning limits (see stream.grown_window)
+    connection_window_max: int = 64 * 1024 * 1024
+    send_buffer_max: int = 16 * 1024 * 1024  # see Connection._send_limit
     send_buffer: int = 4 * 1024 * 1024
     max_streams: int = 1024
     congestion_control: str = "bbr"
@@ -187,6 +190,9 @@ class Connection:
         self._peer_max_data = params.connection_window
         self._sent_new = 0
         self._local_max_data = params.connection_window
+        self._conn_window = params.connection_window  # grows like a stream window does
+        self._conn_window_max = max(params.connection_window, params.connection_window_max)
+        self._conn_last_update: float | None = None
         self._recv_total = 0
         self._consumed_total = 0
         self._max_data_pending = False
@@ -254,7 +260,7 @@ class Connection:
 
     def _create(self, sid: int) -> None:
         self._send[sid] = SendStream(sid, self.params.stream_window)
-        self._recv[sid] = RecvStream(sid, self.params.stream_window)
+        self._recv[sid] = RecvStream(sid, self.params.stream_window, self.params.stream_window_max)
 
     def write(self, sid: int, data: bytes, fin: bool = False) -> None:
         """Queue bytes on a stream (call `send_space` first to respect the send buffer)."""
@@ -270,10 +276,23 @@ class Connection:
         s = self._send.get(sid)
         if s is None:
             return 0
-        space = self.params.send_buffer - s.buffered
+        space = self._send_limit() - s.buffered
         if space <= 0:
             self._blocked.add(sid)
         return max(0, space)
+
+    @property
+    def receive_window(self) -> int:
+        """The connection-level window we advertise now (auto-tuned, see `consumed`)."""
+        return self._conn_window
+
+    def _send_limit(self) -> int:
+        """Bytes one stream may hold unacknowledged. Everything in flight stays buffered until
+        acknowledged, so a buffer smaller than the congestion window would cap the window: the
+        limit follows 2 x cwnd (as Linux sizes a socket's send buffer), from `send_buffer` up
+        to `send_buffer_max`."""
+        p = self.params
+        return max(p.send_buffer, min(2 * self.cc.cwnd, p.send_buffer_max))
 
     def reset_stream(self, sid: int, code: int) -> None:
         """Abandon sending on `sid` and tell the peer."""
@@ -313,18 +332,30 @@ class Connection:
         """Messages wait for the peer's credit (its application is not taking them)."""
         return bool(self._msgs) and self._msgs[-1].msg_id >= self._peer_msg_limit
 
-    def consumed(self, sid: int, n: int) -> None:
-        """The application read `n` bytes of `sid`: reopen the windows."""
+    def consumed(self, sid: int, n: int, now: float | None = None) -> None:
+        """The application read `n` bytes of `sid`: reopen the windows. With `now`, windows the
+        reader keeps exhausting grow (auto-tuning, see `stream.grown_window`)."""
+        rtt = self.rtt.smoothed
         r = self._recv.get(sid)
         if r is not None:
-            if r.on_consumed(n) is not None:
+            if r.on_consumed(n, now, rtt) is not None:
                 self._max_stream_pending.add(sid)
+                # The connection window stays ahead of any one stream's (1.5x, as Chromium
+                # does), or a grown stream window would only move the stall to the connection.
+                floor = min(self._conn_window_max, r.window * 3 // 2)
+                if floor > self._conn_window:
+                    self._conn_window = floor
             self._maybe_forget(sid)
         self._consumed_total += n
-        if self._consumed_total + self.params.connection_window - self._local_max_data >= (
-            self.params.connection_window // 2
-        ):
-            self._local_max_data = self._consumed_total + self.params.connection_window
+        window = self._conn_window
+        if self._consumed_total + window - self._local_max_data >= window // 2:
+            if now is not None:
+                window = grown_window(
+                    window, self._conn_window_max, self._conn_last_update, now, rtt
+                )
+                self._conn_window = window
+                self._conn_last_update = now
+            self._local_max_data = self._consumed_total + window
             self._max_data_pending = True
 
     def send_message(self, data: bytes, channel: int = 0) -> None:
@@ -618,10 +649,11 @@ class Connection:
         s = self._send.get(sid)
         if s is None:
             return
-        before = s.buffered
         was_done = s.done
         s.on_acked(offset, length, fin)
-        if sid in self._blocked and s.buffered < self.params.send_buffer // 2 <= before:
+        # (Below half the limit as it is now: the limit follows cwnd, so it may have grown
+        # past the point where the writer stopped.)
+        if sid in self._blocked and s.buffered < self._send_limit() // 2:
             self._blocked.discard(sid)
             self.events.append(("writable", sid))
         if s.done and not was_done and s.reset_code is None:

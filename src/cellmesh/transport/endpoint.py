@@ -359,6 +359,9 @@ class Endpoint:
             stream_window=config.stream_window,
             connection_window=config.connection_window,
             send_buffer=config.send_buffer,
+            stream_window_max=config.stream_window_max,
+            connection_window_max=config.connection_window_max,
+            send_buffer_max=config.send_buffer_max,
             max_streams=config.max_streams,
             congestion_control=config.congestion_control,
         )
@@ -1079,7 +1082,7 @@ class Endpoint:
         p = self._peers.get(cell_id)
         if p is None or p.conn is None:
             return
-        p.conn.consumed(stream_id, n)
+        p.conn.consumed(stream_id, n, now)
         self._mark(p, now)
 
     def send_message(self, cell_id: bytes, data: bytes, now: float, channel: int = 0) -> None:

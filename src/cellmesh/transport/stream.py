@@ -21,6 +21,12 @@ FINAL_SIZE_ERROR = 4
 # Out-of-order pieces one stream may hold. A 4 MiB window of 1120-byte frames needs ~3,800; a peer
 # that slices data into tiny, scattered pieces to burn our CPU and memory is refused.
 MAX_CHUNKS = 8192
+# Receive-window auto-tuning (as Chromium's QUIC flow controller does): when the application reads
+# so fast that window updates go out less than WINDOW_GROWTH_RTTS round trips apart, the window,
+# not the path, is what limits the sender, so the window doubles, up to its configured maximum.
+# A reader that keeps up with a fast sender earns a large window; an idle or slow reader keeps the
+# small one, so memory is spent only where it buys throughput.
+WINDOW_GROWTH_RTTS = 2.0
 
 
 class SendStream:
@@ -160,6 +166,7 @@ class RecvStream:
     __slots__ = (
         "_buffered",
         "_chunks",
+        "_last_update",
         "_offsets",
         "consumed",
         "delivered",
@@ -167,14 +174,17 @@ class RecvStream:
         "final_size",
         "highest",
         "max_data",
+        "max_window",
         "reset_code",
         "stream_id",
         "window",
     )
 
-    def __init__(self, stream_id: int, window: int) -> None:
+    def __init__(self, stream_id: int, window: int, max_window: int = 0) -> None:
         self.stream_id = stream_id
         self.window = window
+        self.max_window = max(window, max_window)  # auto-tuning stops here
+        self._last_update: float | None = None  # when the last window update was made
         self.max_data = window  # what we have allowed the peer to send up to
         self.delivered = 0  # bytes handed to the application, in order
         self.consumed = 0  # bytes the application has actually read
@@ -261,11 +271,19 @@ class RecvStream:
         """Bytes held waiting for a gap to fill."""
         return sum(len(c) for c in self._chunks.values())
 
-    def on_consumed(self, n: int) -> int | None:
-        """The application read `n` bytes. Returns a new MAX_STREAM_DATA to advertise, if due."""
+    def on_consumed(self, n: int, now: float | None = None, rtt: float = 0.0) -> int | None:
+        """The application read `n` bytes. Returns a new MAX_STREAM_DATA to advertise, if due.
+
+        With `now` and the smoothed `rtt`, the window auto-tunes (see WINDOW_GROWTH_RTTS)."""
         self.consumed = min(self.delivered, self.consumed + n)
         target = self.consumed + self.window
         if self.final_size is None and target - self.max_data >= self.window // 2:
+            if now is not None:
+                self.window = grown_window(
+                    self.window, self.max_window, self._last_update, now, rtt
+                )
+                self._last_update = now
+                target = self.consumed + self.window
             self.max_data = target
             return target
         return None
@@ -281,6 +299,21 @@ class RecvStream:
         return self.reset_code is not None or (
             self.fin_delivered and self.consumed >= self.delivered
         )
+
+
+def grown_window(
+    window: int, max_window: int, last_update: float | None, now: float, rtt: float
+) -> int:
+    """The receive window to advertise now: doubled (up to `max_window`) when the previous window
+    update was less than WINDOW_GROWTH_RTTS round trips ago, else unchanged."""
+    if (
+        last_update is not None
+        and window < max_window
+        and rtt > 0
+        and now - last_update < WINDOW_GROWTH_RTTS * rtt
+    ):
+        return min(2 * window, max_window)
+    return window
 
 
 def _copy(buf: bytearray, start: int, stop: int) -> bytes:

@@ -143,7 +143,7 @@ class Pipe:
                 if fin:
                     s.fin.add(sid)
                 if s.consume and chunk:
-                    c.consumed(sid, len(chunk))
+                    c.consumed(sid, len(chunk), self.now)
             elif e[0] == "message":
                 s.messages.append(e[1])
                 if s.consume:
@@ -307,6 +307,61 @@ def test_flow_control_throttles_a_slow_reader_then_resumes() -> None:
     pipe.b.conn.consumed(sid, 64 * 1024)
     assert pipe.run_until(lambda: sid in pipe.b.fin, 60)
     assert pipe.b.stream(sid) == data
+
+
+def _tuning(maxima: bool) -> TransportParams:
+    k = 1024
+    return TransportParams(
+        max_datagram=1200,
+        stream_window=64 * k,
+        connection_window=128 * k,
+        stream_window_max=1024 * k if maxima else 64 * k,
+        connection_window_max=2048 * k if maxima else 128 * k,
+    )
+
+
+def test_windows_auto_tune_for_a_reader_that_keeps_up() -> None:
+    data = payload(3_000_000)
+    took = {}
+    for maxima in (False, True):
+        pipe = Pipe(_tuning(maxima), delay=0.01)  # 20 ms RTT: a 64 KiB window is ~3 MB/s
+        sid = pipe.a.conn.open_stream()
+        pipe.a.conn.write(sid, data, fin=True)
+        start = pipe.now
+        assert pipe.run_until(lambda: sid in pipe.b.fin, 120)  # noqa: B023
+        took[maxima] = pipe.now - start
+        assert pipe.b.stream(sid) == data
+        window = pipe.b.conn.receive_window
+        if maxima:
+            assert 128 * 1024 < window <= 2048 * 1024
+        else:
+            assert window == 128 * 1024
+    # Virtual time, so deterministic: the grown windows let the path, not the window, pace it.
+    assert took[True] < took[False] / 2
+
+
+def test_a_reader_that_stops_holds_at_most_the_largest_stream_window() -> None:
+    pipe = Pipe(_tuning(True), delay=0.01)
+    sid = pipe.a.conn.open_stream()
+    pipe.a.conn.write(sid, payload(12_000_000), fin=True)
+    assert pipe.run_until(lambda: len(pipe.b.stream(sid)) >= 3_000_000, 120)
+    pipe.b.consume = False  # the application stops reading
+    read = len(pipe.b.stream(sid))
+    pipe.run_for(10.0)
+    unread = len(pipe.b.stream(sid)) - read
+    assert 0 < unread <= 1024 * 1024  # never past stream_window_max, however fast it was read
+
+
+def test_send_buffer_follows_the_congestion_window_within_its_bounds() -> None:
+    params = TransportParams(max_datagram=1200, send_buffer=64 * 1024, send_buffer_max=256 * 1024)
+    c = Connection(params, True, T0)
+    sid = c.open_stream()
+    c.cc.cwnd = 12_000
+    assert c.send_space(sid) == 64 * 1024  # never below send_buffer
+    c.cc.cwnd = 100_000
+    assert c.send_space(sid) == 200_000  # 2 x cwnd: in flight stays buffered until acknowledged
+    c.cc.cwnd = 10_000_000
+    assert c.send_space(sid) == 256 * 1024  # never above send_buffer_max
 
 
 @pytest.mark.parametrize(

@@ -14,6 +14,7 @@ from cellmesh.transport.stream import (
     FLOW_CONTROL_ERROR,
     RecvStream,
     SendStream,
+    grown_window,
 )
 
 BIG = 1 << 40
@@ -429,6 +430,52 @@ def test_on_consumed_widens_the_window_only_after_half_of_it() -> None:
     r.on_frame(1000, bytes(1000), False)
     with pytest.raises(RemoteProtocolError):
         r.on_frame(2000, b"x", False)
+
+
+def test_window_doubles_while_updates_come_under_two_rtts_apart() -> None:
+    r = RecvStream(1, 1000, max_window=3000)
+    r.on_frame(0, bytes(1000), False)
+    assert r.on_consumed(500, now=0.0, rtt=0.010) == 1500  # the first update: nothing to compare
+    assert r.window == 1000
+    r.on_frame(1000, bytes(500), False)
+    # 15 ms after the last update, RTT 10 ms: the window, not the path, held the sender back.
+    assert r.on_consumed(500, now=0.015, rtt=0.010) == 1000 + 2000
+    assert r.window == 2000
+    r.on_frame(1500, bytes(1500), False)
+    assert r.on_consumed(1000, now=0.020, rtt=0.010) == 2000 + 3000  # capped at max_window
+    assert r.window == 3000
+    r.on_frame(3000, bytes(2000), False)
+    assert r.on_consumed(1500, now=0.021, rtt=0.010) == 3500 + 3000  # stays at the cap
+    assert r.window == r.max_window == 3000
+    # The grown limit is the one enforced.
+    r.on_frame(5000, bytes(1500), False)
+    with pytest.raises(RemoteProtocolError):
+        r.on_frame(6500, b"x", False)
+
+
+def test_window_stays_when_updates_are_more_than_two_rtts_apart() -> None:
+    r = RecvStream(1, 1000, max_window=1 << 20)
+    now = 0.0
+    for i in range(20):
+        r.on_frame(i * 500, bytes(500), False)
+        assert r.on_consumed(500, now=now, rtt=0.010) is not None
+        now += 0.025  # over two round trips apart: the window keeps up with the path
+    assert r.window == 1000
+
+
+def test_window_never_grows_without_a_clock_or_a_maximum() -> None:
+    r = RecvStream(1, 1000, max_window=1 << 20)
+    s = RecvStream(3, 1000)  # max_window defaults to the window: no tuning
+    for i in range(20):
+        for x in (r, s):
+            x.on_frame(i * 500, bytes(500), False)
+        r.on_consumed(500)  # no `now`: the fixed-window behaviour
+        s.on_consumed(500, now=i * 1e-6, rtt=0.010)
+    assert r.window == s.window == 1000
+    assert grown_window(1000, 1000, 0.0, 0.001, 0.010) == 1000
+    assert grown_window(1000, 4000, None, 0.001, 0.010) == 1000  # no earlier update
+    assert grown_window(1000, 4000, 0.0, 0.001, 0.0) == 1000  # no RTT measured yet
+    assert grown_window(1000, 4000, 0.0, 0.001, 0.010) == 2000
 
 
 def test_on_consumed_never_counts_more_than_delivered() -> None:
