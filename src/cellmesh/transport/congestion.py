@@ -78,9 +78,17 @@ class CongestionController(Protocol):
         """A packet of `size` bytes left."""
 
     def on_acked(
-        self, size: int, sent_time: float, sample: RateSample | None, now: float, in_flight: int
+        self,
+        size: int,
+        sent_time: float,
+        sample: RateSample | None,
+        now: float,
+        in_flight: int,
+        packets: int = 1,
     ) -> None:
-        """A packet of `size` bytes sent at `sent_time` was acknowledged; `in_flight` remain."""
+        """An acknowledgement covered `packets` packets of `size` bytes in all, the newest sent
+        at `sent_time`; `sample` is the delivery rate its newest packet measured; `in_flight`
+        bytes remain."""
 
     def on_lost(self, size: int, sent_time: float, now: float) -> None:
         """A packet was declared lost."""
@@ -108,8 +116,16 @@ class NewReno:
         return
 
     def on_acked(
-        self, size: int, sent_time: float, sample: RateSample | None, now: float, in_flight: int
+        self,
+        size: int,
+        sent_time: float,
+        sample: RateSample | None,
+        now: float,
+        in_flight: int,
+        packets: int = 1,
     ) -> None:
+        # (RFC 9002 skips each packet sent before recovery began; an acknowledgement whose
+        # newest packet was sent after it counts whole, a difference of one ACK per episode.)
         if sent_time <= self._recovery_start:
             return
         if self.cwnd < self.ssthresh:
@@ -221,10 +237,16 @@ class BbrLite:
         return
 
     def on_acked(
-        self, size: int, sent_time: float, sample: RateSample | None, now: float, in_flight: int
+        self,
+        size: int,
+        sent_time: float,
+        sample: RateSample | None,
+        now: float,
+        in_flight: int,
+        packets: int = 1,
     ) -> None:
         self._delivered += size
-        self._round_acked += 1
+        self._round_acked += packets  # (packets, to weigh against packets lost in the round)
         if sample is None:
             return
         if sample.prior_delivered >= self._next_round_delivered:

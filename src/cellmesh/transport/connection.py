@@ -514,12 +514,23 @@ class Connection:
             self._next_peer += 2
         return self._recv[sid]
 
+    def on_stream_packet(
+        self, pn: int, sid: int, offset: int, data: bytes, fin: bool, now: float, size: int
+    ) -> None:
+        """`on_packet` for a packet that is exactly one STREAM record (the bulk of a transfer),
+        given its decoded fields (`wire.messages.pull_single_stream`)."""
+        self._on_stream_data(sid, offset, data, fin)
+        self._record_received(pn, True, now, size)
+
     def _on_stream(self, m: StreamFrame) -> None:
-        r = self._stream_for_peer_frame(m.stream_id)
+        self._on_stream_data(m.stream_id, m.offset, m.data, m.fin)
+
+    def _on_stream_data(self, stream_id: int, offset: int, chunk: bytes, end: bool) -> None:
+        r = self._stream_for_peer_frame(stream_id)
         if r is None:
             return
         before = r.highest
-        data, fin = r.on_frame(m.offset, m.data, m.fin)
+        data, fin = r.on_frame(offset, chunk, end)
         grown = r.highest - before
         if grown > 0:
             self._recv_total += grown
@@ -529,9 +540,9 @@ class Connection:
                 self.consumed(-1, grown)  # we stopped reading: bytes still in flight are let go
         if data or fin:
             self.stats.stream_bytes_received += len(data)
-            self.events.append(("data", m.stream_id, data, fin))
+            self.events.append(("data", stream_id, data, fin))
         if fin:
-            self._maybe_forget(m.stream_id)
+            self._maybe_forget(stream_id)
 
     def _on_reset(self, m: ResetStream) -> None:
         r = self._stream_for_peer_frame(m.stream_id)
@@ -597,25 +608,44 @@ class Connection:
         if newest.pn == largest and newest.ack_eliciting:
             self.rtt.update(now - newest.time, ack.delay_us / 1e6, MAX_ACK_DELAY)
         runs: dict[int, list[Any]] = {}  # stream id -> [start, end, fin] of acknowledged bytes
+        # The congestion controller hears of the whole acknowledgement once, with one
+        # delivery-rate sample taken from its newest packet (as Linux's tcp_rate does): the
+        # newest carries the most recent delivery state, so its sample is the one that counts.
+        acked = packets = 0
+        sampled: SentPacket | None = None
         for p in newly:
-            self._on_packet_acked(p, now, runs)
-        for sid, (start, end, fin) in runs.items():
-            self._stream_acked(sid, start, end - start, fin)
-        self._pto_count = 0
-        self._detect_losses(now)
-
-    def _on_packet_acked(self, p: SentPacket, now: float, runs: dict[int, list[Any]]) -> None:
-        self.stats.packets_acked += 1
-        if p.in_flight:
-            self.bytes_in_flight -= p.size
-        self._delivered += p.size
+            if p.in_flight:
+                self.bytes_in_flight -= p.size
+                # A sample spanning a probe timeout measures the outage, not the path.
+                if p.time > self._last_pto_time:
+                    acked += p.size
+                    packets += 1
+                    sampled = p
+            self._delivered += p.size
+            if p.probe_size:
+                self._pmtu_acked(p.probe_size, now)
+            elif p.size > self.base_mtu:
+                self._big_losses = 0
+                self._last_big_ack = now
+            for f in p.frames:
+                if f[0] == "s":
+                    # Contiguous pieces of one stream acknowledged together are handed to it
+                    # as one range (a bulk transfer's ACK covers several packets of one stream).
+                    sid, off, length, fin = f[1], f[2], f[3], f[4]
+                    run = runs.get(sid)
+                    if run is not None and run[1] == off and not run[2]:
+                        run[1] = off + length
+                        run[2] = fin
+                    else:
+                        if run is not None:
+                            self._stream_acked(sid, run[0], run[1] - run[0], run[2])
+                        runs[sid] = [off, off + length, fin]
+        self.stats.packets_acked += len(newly)
         self._delivered_time = now
-        sample: RateSample | None = None
-        # A sample spanning a probe timeout measures the outage, not the path: ignore it.
-        if p.in_flight and p.time > self._last_pto_time:
-            send_elapsed = p.time - p.first_sent_time
-            ack_elapsed = self._delivered_time - p.delivered_time
-            interval = max(send_elapsed, ack_elapsed)
+        if sampled is not None:
+            p = sampled
+            sample: RateSample | None = None
+            interval = max(p.time - p.first_sent_time, now - p.delivered_time)
             if interval > 0:
                 sample = RateSample(
                     (self._delivered - p.delivered) / interval,
@@ -625,25 +655,11 @@ class Connection:
                     now - p.time,
                 )
             self._first_sent_time = p.time
-            self.cc.on_acked(p.size, p.time, sample, now, self.bytes_in_flight)
-        if p.probe_size:
-            self._pmtu_acked(p.probe_size, now)
-        elif p.size > self.base_mtu:
-            self._big_losses = 0
-            self._last_big_ack = now
-        for f in p.frames:
-            if f[0] == "s":
-                # Contiguous pieces of one stream acknowledged together are handed to it as
-                # one range (a bulk transfer's ACK covers several packets of one stream).
-                sid, off, length, fin = f[1], f[2], f[3], f[4]
-                run = runs.get(sid)
-                if run is not None and run[1] == off and not run[2]:
-                    run[1] = off + length
-                    run[2] = fin
-                else:
-                    if run is not None:
-                        self._stream_acked(sid, run[0], run[1] - run[0], run[2])
-                    runs[sid] = [off, off + length, fin]
+            self.cc.on_acked(acked, p.time, sample, now, self.bytes_in_flight, packets)
+        for sid, (start, end, fin) in runs.items():
+            self._stream_acked(sid, start, end - start, fin)
+        self._pto_count = 0
+        self._detect_losses(now)
 
     def _stream_acked(self, sid: int, offset: int, length: int, fin: bool) -> None:
         s = self._send.get(sid)
@@ -796,7 +812,98 @@ class Connection:
             # Only unreliable records to send (the datagram path): no ACK is owed, no probe or
             # reliable data competes, so the packet is just as many as fit.
             return self._control_packet(pn, now)
+        if (
+            len(self._rr) == 1
+            and not self._control
+            and not self._probes_due
+            and not self._ack_now
+            and self._ack_deadline is None
+            and not self._ack_dirty
+            and not self._msgs
+            and not self._max_data_pending
+            and not self._max_stream_pending
+            and not self._reset_pending
+            and not self._stop_pending
+            and not self._max_msgs_pending
+            # (no path-MTU probe due: `_pmtu_probe_size` would return 0)
+            and (
+                self.mtu >= self.params.max_datagram
+                or self._pmtu_in_flight
+                or now < self._pmtu_next_probe
+            )
+            and self.bytes_in_flight < self.cc.cwnd
+            and now >= self._next_send_time
+        ):
+            return self._stream_packet(pn, now)
         return self._general_packet(pn, now)
+
+    def _stream_packet(self, pn: int, now: float) -> bytes | None:
+        """The bulk case: one stream has data and nothing else is owed (no acknowledgement,
+        control record, probe or other frame). Builds exactly the packet `_general_packet`
+        would (its frames of that one stream, filled the same way), without its general
+        bookkeeping."""
+        rr = self._rr
+        sid = rr[0]
+        s = self._send.get(sid)
+        if s is None:
+            return self._general_packet(pn, now)
+        limit = self.mtu - HEADER_AND_TAG
+        parts: list[bytes] = []
+        frames: list[tuple[Any, ...]] = []
+        used = 0
+        while limit - used > _STREAM_OVERHEAD:
+            credit = max(0, self._peer_max_data - self._sent_new)
+            got = s.next_frame(limit - used - _STREAM_OVERHEAD, credit)
+            if got is None:
+                rr.popleft()
+                break
+            offset, data, fin, is_new = got
+            if is_new:
+                self._sent_new += len(data)
+                self.stats.stream_bytes_sent += len(data)
+            head, body = push_stream_parts(sid, offset, data, fin)
+            parts.append(head)
+            parts.append(body)
+            frames.append(("s", sid, offset, len(data), fin))
+            used += len(head) + len(body)
+            if not s.has_data():
+                rr.pop()
+                break
+        if not parts:
+            return None
+        plaintext = b"".join(parts)
+        size = used + HEADER_AND_TAG
+        if not self.bytes_in_flight:
+            self._first_sent_time = now
+            self._delivered_time = now
+        self._sent[pn] = SentPacket(
+            pn,
+            now,
+            size,
+            True,
+            True,
+            frames,
+            self._delivered,
+            self._delivered_time,
+            self._first_sent_time,
+            not rr,  # app-limited: nothing more to send right now
+        )
+        self._last_eliciting_sent = now
+        self.bytes_in_flight += size
+        self.cc.on_sent(size, now)
+        self._pace(size, now)
+        self.stats.packets_sent += 1
+        if pn > self._largest_sent:
+            self._largest_sent = pn
+        return plaintext
+
+    def _pace(self, size: int, now: float) -> None:
+        """Space the next packet after one of `size` bytes at the pacing rate."""
+        rate = self.cc.pacing_rate(self.rtt)
+        if rate > 0:
+            # Allow a small burst (timer granularity in an event loop is ~1 ms).
+            gap = min(size / rate, max(self.rtt.smoothed, 0.001))  # never park for long
+            self._next_send_time = max(self._next_send_time, now - 0.002) + gap
 
     def _general_packet(self, pn: int, now: float) -> bytes | None:
         limit = self.mtu - HEADER_AND_TAG
@@ -877,11 +984,7 @@ class Connection:
             if in_flight:
                 self.bytes_in_flight += size
                 self.cc.on_sent(size, now)
-                rate = self.cc.pacing_rate(self.rtt)
-                if rate > 0:
-                    # Allow a small burst (timer granularity in an event loop is ~1 ms).
-                    gap = min(size / rate, max(self.rtt.smoothed, 0.001))  # never park for long
-                    self._next_send_time = max(self._next_send_time, now - 0.002) + gap
+                self._pace(size, now)
         self.stats.packets_sent += 1
         self._largest_sent = max(self._largest_sent, pn)
         return plaintext

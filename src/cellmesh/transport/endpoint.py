@@ -147,6 +147,7 @@ from cellmesh.wire.messages import (
     pull_init_body,
     pull_messages,
     pull_single_app,
+    pull_single_stream,
     push_app,
     push_cookie_reply,
     push_init_body,
@@ -566,10 +567,19 @@ class Endpoint:
                 continue
             app = pull_single_app(plaintext)
             if app is None:
-                # Anything else may change the session or the peer: note the run so far,
-                # handle this one in full, and leave the rest to the full path.
                 if hi > lo:
-                    conn.note_received_range(lo, hi, now)
+                    conn.note_received_range(lo, hi, now)  # (before a gap test sees pn)
+                    lo = hi = -1
+                st = pull_single_stream(plaintext)
+                if st is not None:
+                    # One STREAM record changes only the connection (what `_on_plaintext`
+                    # would do with it): the run goes on.
+                    if not self._on_stream_packet(fast.peer, s, conn, pn, st, now, len(plaintext)):
+                        return i
+                    self._mark(fast.peer, now)
+                    continue
+                # Anything else may change the session or the peer: handle this one in full
+                # and leave the rest to the full path.
                 self._on_plaintext(fast.peer, s, pn, plaintext, addr, now)
                 return i
             if pn == hi:
@@ -1254,6 +1264,33 @@ class Endpoint:
             return
         self._on_plaintext(p, s, pn, plaintext, addr, now)
 
+    def _protocol_violation(self, p: _Peer, s: Session, exc: Exception, now: float) -> None:
+        """The peer broke the protocol: tell it why and forget it."""
+        self.drops["protocol_violation"] += 1
+        self._seal_to(s, [Close(CloseCode.PROTOCOL_ERROR, str(exc)[:200])], now)
+        self._flush(p, now)  # now: the peer is forgotten right after
+        self._drop_peer(p, f"protocol violation: {exc}")
+
+    def _on_stream_packet(
+        self,
+        p: _Peer,
+        s: Session,
+        conn: Connection,
+        pn: int,
+        st: tuple[int, int, bytes, bool],
+        now: float,
+        size: int,
+    ) -> bool:
+        """A packet that is exactly one STREAM record; False if it ended the peer."""
+        try:
+            conn.on_stream_packet(pn, st[0], st[1], st[2], st[3], now, size)
+        except RemoteProtocolError as exc:
+            self._protocol_violation(p, s, exc, now)
+            return False
+        if conn.events:
+            self._conn_events(p)
+        return True
+
     def _on_plaintext(
         self, p: _Peer, s: Session, pn: int, plaintext: bytes, addr: Addr, now: float
     ) -> None:
@@ -1270,15 +1307,19 @@ class Endpoint:
             else:
                 self._events.append(DatagramReceived(p.cell_id, app))
             return
+        if conn is not None:
+            st = pull_single_stream(plaintext)
+            if st is not None:
+                # The bulk of a transfer: one STREAM record, decoded without record objects.
+                if self._on_stream_packet(p, s, conn, pn, st, now, len(plaintext)):
+                    self._mark(p, now)
+                return
         try:
             msgs = pull_messages(plaintext)
             if conn is not None:
                 msgs = conn.on_packet(pn, msgs, now, len(plaintext))
         except (DecodeError, RemoteProtocolError) as exc:
-            self.drops["protocol_violation"] += 1
-            self._seal_to(s, [Close(CloseCode.PROTOCOL_ERROR, str(exc)[:200])], now)
-            self._flush(p, now)  # now: the peer is forgotten right after
-            self._drop_peer(p, f"protocol violation: {exc}")
+            self._protocol_violation(p, s, exc, now)
             return
         if conn is not None and conn.events:
             self._conn_events(p)

@@ -584,6 +584,20 @@ def pull_single_app(buf: bytes) -> bytes | None:
     return None
 
 
+def pull_single_stream(buf: bytes) -> tuple[int, int, bytes, bool] | None:
+    """(stream id, offset, data, fin) of a plaintext that is exactly one well-formed STREAM
+    record, else None (then use `pull_messages`, which also names what is wrong): the shape of
+    nearly every packet of a bulk transfer, decoded without objects."""
+    n = len(buf)
+    if n < _REC.size + _STREAM_HEAD.size or buf[0] != _STREAM or (buf[1] << 8 | buf[2]) != n - 3:
+        return None
+    sid, off, flags = _STREAM_HEAD.unpack_from(buf, _REC.size)
+    data = buf[_REC.size + _STREAM_HEAD.size :]
+    if flags & ~_FIN or off + len(data) > U64_MAX:
+        return None
+    return sid, off, data, flags == _FIN
+
+
 def pull_messages(buf: bytes) -> list[Message]:
     """Decode every record in a plaintext. Raises a `DecodeError` subclass on any fault."""
     out: list[Message] = []

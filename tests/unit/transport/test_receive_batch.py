@@ -25,6 +25,7 @@ Addr = tuple[str, int]
 A_ADDR: Addr = ("10.0.0.1", 1)
 B_ADDR: Addr = ("10.0.0.1", 2)
 NOW = 1000.0
+BULK = bytes(range(256)) * 20  # 5,120 bytes: five 1200-byte packets
 CONFIG = NodeConfig(listen=("127.0.0.1:0",), max_datagram=1200)
 
 
@@ -70,6 +71,16 @@ class Pair:
         take()
         self.a.handle_timer(NOW + 0.05)  # pacing may hold the stream's first packet briefly
         take()
+        # A bulk stream: packets that are exactly one STREAM record each (the batch path takes
+        # them without leaving its run).
+        bulk = self.a.open_stream(cell)
+        self.a.stream_write(cell, bulk, BULK, NOW + 0.05, fin=True)
+        start = len(out)
+        take()
+        self.bulk = out[start:]  # (a timer below may add retransmissions)
+        for k in range(1, 20):
+            self.a.handle_timer(NOW + 0.05 + k * 0.01)
+            take()
         for i in range(6, 10):
             self.a.send_datagram(cell, bytes([i]) * 200, NOW)
             take()
@@ -135,6 +146,10 @@ def test_a_clean_batch_delivers_everything_in_order() -> None:
     ]
     assert out["drops"] == {}
     assert ("StreamData", b"stream bytes" * 10) in out["events"]
+    bulk = b"".join(
+        d for kind, d in out["events"] if kind == "StreamData" and d != b"stream bytes" * 10
+    )
+    assert bulk == BULK
 
 
 def test_replays_forgeries_and_junk_inside_a_batch_count_as_singly() -> None:
@@ -174,3 +189,24 @@ def test_replays_forgeries_and_junk_inside_a_batch_count_as_singly() -> None:
 def test_any_batch_has_the_same_outcome_as_one_datagram_at_a_time(script: list[Op]) -> None:
     batched, single = run_both(script)
     assert batched == single
+
+
+def test_a_batch_of_stream_packets_stays_on_the_short_path() -> None:
+    p = Pair(7)
+    p.frames()
+    stream_frames = p.bulk
+    assert len(stream_frames) == 5  # the bulk stream's packets, sent in one burst
+    runs = 0
+    original = p.b._fast_path_for
+
+    def counting(*args: Any) -> Any:
+        nonlocal runs
+        runs += 1
+        return original(*args)
+
+    p.b._fast_path_for = counting  # type: ignore[method-assign,assignment]
+    p.b.receive_batch(stream_frames, A_ADDR, NOW + 1)
+    assert runs == 1  # the first frame opened the run; the other four stayed in it
+    out = p.outcome()
+    assert b"".join(d for kind, d in out["events"] if kind == "StreamData") == BULK
+    assert out["drops"] == {}

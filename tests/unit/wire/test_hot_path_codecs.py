@@ -14,9 +14,11 @@ from cellmesh.transport.endpoint import Endpoint
 from cellmesh.wire.header import pull_header_fields
 from cellmesh.wire.messages import (
     AppData,
+    MsgType,
     StreamFrame,
     pull_messages,
     pull_single_app,
+    pull_single_stream,
     push_app,
     push_message,
     push_messages,
@@ -46,6 +48,36 @@ def test_single_app_agrees_with_the_general_decoder(buf: bytes) -> None:
         whole = push_app(buf) + extra
         single = pull_single_app(whole)
         assert (single == buf) if not extra else (single is None)
+
+
+@given(
+    st.integers(0, 2**32 - 1),
+    st.sampled_from([0, 5, 2**40, 2**64 - 10, 2**64 - 1]),
+    st.binary(max_size=300),
+    st.sampled_from([0, 1, 1, 2, 0x81]),
+    st.integers(-4, 3),
+)
+@settings(max_examples=400)
+def test_single_stream_agrees_with_the_general_decoder(
+    sid: int, off: int, data: bytes, flags: int, cut: int
+) -> None:
+    """Well-formed, with bad flags, past 2**64, truncated, padded or followed by another record:
+    the short decoder returns exactly the general decoder's one STREAM frame, or None."""
+    body = struct.pack("!IQB", sid, off, flags) + data
+    buf = bytes([MsgType.STREAM]) + struct.pack("!H", len(body)) + body
+    if cut < 0:
+        buf = buf[:cut]
+    elif cut > 0:
+        buf += push_messages([AppData(b"x" * cut)])
+    single = pull_single_stream(buf)
+    try:
+        general: list[object] | None = list(pull_messages(buf))
+    except DecodeError:
+        general = None
+    if single is None:
+        assert general is None or len(general) != 1 or not isinstance(general[0], StreamFrame)
+    else:
+        assert general == [StreamFrame(*single)]
 
 
 @given(
