@@ -848,7 +848,7 @@ class Connection:
         if s is None:
             return self._general_packet(pn, now)
         limit = self.mtu - HEADER_AND_TAG
-        parts: list[bytes] = []
+        parts: list[bytes | memoryview] = []
         frames: list[tuple[Any, ...]] = []
         used = 0
         while limit - used > _STREAM_OVERHEAD:
@@ -908,7 +908,7 @@ class Connection:
     def _general_packet(self, pn: int, now: float) -> bytes | None:
         limit = self.mtu - HEADER_AND_TAG
         probe = 0
-        parts: list[bytes] = []
+        parts: list[bytes | memoryview] = []
         frames: list[tuple[Any, ...]] = []
         used = 0
         eliciting = False
@@ -1020,7 +1020,7 @@ class Connection:
 
     def _fill_reliable(
         self,
-        parts: list[bytes],
+        parts: list[bytes | memoryview],
         frames: list[tuple[Any, ...]],
         used: int,
         limit: int,

@@ -565,7 +565,9 @@ def _stream_frame(buf: bytes, start: int, end: int) -> StreamFrame:
     return StreamFrame(sid, off, data, bool(flags & _FIN))
 
 
-def push_stream_parts(stream_id: int, offset: int, data: bytes, fin: bool) -> tuple[bytes, bytes]:
+def push_stream_parts(
+    stream_id: int, offset: int, data: bytes | memoryview, fin: bool
+) -> tuple[bytes, bytes | memoryview]:
     """`push_message(StreamFrame(...))` as (record and stream header, data), for a packet
     builder that joins its parts once instead of copying the data into a record first."""
     if len(data) + _STREAM_HEAD.size > MAX_RECORD_BODY:

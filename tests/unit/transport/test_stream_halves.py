@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import itertools
+from typing import Any
 
 import pytest
 from hypothesis import given, settings
@@ -13,6 +14,7 @@ from cellmesh.transport.stream import (
     FINAL_SIZE_ERROR,
     FLOW_CONTROL_ERROR,
     RecvStream,
+    SendBuffer,
     SendStream,
     grown_window,
 )
@@ -30,7 +32,7 @@ def drain(s: SendStream, max_len: int = 1000, credit: int = BIG) -> list[Frame]:
         f = s.next_frame(max_len, credit)
         if f is None:
             return out
-        out.append(f)
+        out.append((f[0], bytes(f[1]), f[2], f[3]))
     raise AssertionError("next_frame never returned None")
 
 
@@ -585,3 +587,52 @@ def test_send_stream_to_recv_stream_with_random_losses(
     assert fins == 1
     assert s.done
     assert s.buffered == 0
+
+
+@settings(max_examples=300, deadline=None)
+@given(
+    st.lists(
+        st.one_of(
+            st.tuples(st.just("write"), st.integers(0, 9000), st.sampled_from(["b", "ba", "mv"])),
+            st.tuples(st.just("take"), st.integers(0, 10**6), st.integers(1, 70_000)),
+            st.tuples(st.just("release"), st.integers(0, 20_000), st.just("")),
+        ),
+        max_size=60,
+    )
+)
+def test_send_buffer_is_a_byte_string_with_a_moving_start(ops: list[tuple[str, int, Any]]) -> None:
+    """Whatever mix of small and large writes (bytes, bytearray, memoryview), reads of any
+    range and releases: the buffer holds exactly the bytes a plain bytearray model holds."""
+    buf, model, base, written = SendBuffer(), bytearray(), 0, 0
+    for kind, n, arg in ops:
+        if kind == "write":
+            data = bytes((written + i) % 251 for i in range(n))
+            src: Any = {"b": data, "ba": bytearray(data), "mv": memoryview(data)}[arg]
+            buf.append(src)
+            if arg == "ba":
+                src[:] = bytes(len(src))  # the writer reuses its buffer: what was sent stays
+            model += data
+            written += n
+        elif kind == "take" and len(model):
+            start = base + n % len(model)
+            stop = min(base + len(model), start + arg)
+            assert bytes(buf.take(start, stop)) == model[start - base : stop - base]
+        elif kind == "release":
+            new_base = base + min(n, len(model))
+            buf.release(new_base)
+            del model[: new_base - base]
+            base = new_base
+        assert len(buf) == len(model)
+        assert buf.base == base
+        assert buf.end == written
+
+
+def test_a_frame_within_one_written_chunk_is_a_view_not_a_copy() -> None:
+    s = SendStream(1, BIG)
+    chunk = bytes(range(256)) * 256  # 64 KiB, one chunk
+    s.write(chunk, fin=False)
+    got = s.next_frame(1000, BIG)
+    assert got is not None
+    assert isinstance(got[1], memoryview)
+    assert got[1].obj is chunk
+    assert got[1] == chunk[:1000]
