@@ -80,8 +80,14 @@ async def _nodes(
             blob_dir = str(tmp / f"blobs{i}")
             conf = NodeConfig(listen=LOCAL, blob_dir=blob_dir, serve_blobs=serve_blobs)
             if small_windows:
-                # A reader that stops reading stalls the writer after ~128 KB, not ~8 MB.
-                conf = replace(conf, stream_window=MIN_WINDOW, send_buffer=MIN_WINDOW)
+                # A reader that stops reading stalls the writer after ~128 KB, not ~8 MB (the
+                # send buffer may not grow with the congestion window either).
+                conf = replace(
+                    conf,
+                    stream_window=MIN_WINDOW,
+                    send_buffer=MIN_WINDOW,
+                    send_buffer_max=MIN_WINDOW,
+                )
             nodes.append(await stack.enter_async_context(Node(Identity.generate(), conf)))
         yield nodes
 

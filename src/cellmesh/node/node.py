@@ -205,6 +205,7 @@ class Node:
         )
         self._endpoint.manual_message_credit = True  # recv_message takes them: see there
         self._endpoint.datagram_sink = self._inbox.put  # straight to recv_datagram's inbox
+        self._endpoint.stream_sink = self._take_stream_data  # straight to the Stream object
         if membership is not None:
             # Certificates gate sessions too, not only discovery (node/membership.py).
             self._endpoint.set_membership(*session_admission(membership))
@@ -483,6 +484,14 @@ class Node:
             return
         self._endpoint.handle_timer(self._now())
         self._pump()
+
+    def _take_stream_data(self, cell_id: bytes, stream_id: int, data: bytes, fin: bool) -> bool:
+        """The endpoint's stream sink: bytes for a stream we hold go straight to it."""
+        st = self._streams.get((cell_id, stream_id))
+        if st is None:
+            return False  # (a StreamData event then: `_dispatch` knows what to do with it)
+        st._feed(data, fin)
+        return True
 
     def _dispatch(self, ev: object) -> None:
         # The per-packet events first: this chain runs once per datagram received.

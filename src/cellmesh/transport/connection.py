@@ -474,7 +474,7 @@ class Connection:
 
     def _record_received(self, pn: int, eliciting: bool, now: float, size: int = 0) -> None:
         gap = self._largest_received >= 0 and pn != self._largest_received + 1
-        self._received.add(pn, pn + 1)
+        self._received.add_one(pn)
         self._ack_dirty = True
         if pn > self._largest_received:
             self._largest_received = pn

@@ -340,6 +340,12 @@ class Endpoint:
         """None: application datagrams arrive as `DatagramReceived` events. A driver may set a
         callable (cell_id, data) that takes them directly instead: the one event a busy peer
         produces per packet, handed over without an event object and a queue in between."""
+        self.stream_sink: Callable[[bytes, int, bytes, bool], bool] | None = None
+        """None: in-order stream bytes arrive as `StreamData` events. A driver may set a
+        callable (cell_id, stream_id, data, fin) that takes them directly and returns True, or
+        False to leave them as an event (a stream it does not hold yet). It is called only while
+        no event waits, so stream bytes never overtake an earlier event (e.g. the
+        `StreamOpened` of their own stream)."""
         self.manual_message_credit = False
         """False: a plain message counts as taken when it is handed out as an event. A driver
         with a bounded inbox sets True and calls `messages_consumed` as its application reads,
@@ -1022,7 +1028,9 @@ class Endpoint:
             e = conn.events.popleft()
             kind = e[0]
             if kind == "data":
-                ev.append(StreamData(cell, e[1], e[2], e[3]))
+                sink = self.stream_sink
+                if sink is None or ev or not sink(cell, e[1], e[2], e[3]):
+                    ev.append(StreamData(cell, e[1], e[2], e[3]))
             elif kind == "message":
                 if e[2]:
                     # The channel layer takes publications as they come (its own queues count
