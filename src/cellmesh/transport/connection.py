@@ -193,6 +193,7 @@ class Connection:
         self._conn_window = params.connection_window  # grows like a stream window does
         self._conn_window_max = max(params.connection_window, params.connection_window_max)
         self._conn_last_update: float | None = None
+        self._learned_window = params.stream_window  # the largest stream window grown to
         self._recv_total = 0
         self._consumed_total = 0
         self._max_data_pending = False
@@ -260,7 +261,14 @@ class Connection:
 
     def _create(self, sid: int) -> None:
         self._send[sid] = SendStream(sid, self.params.stream_window)
-        self._recv[sid] = RecvStream(sid, self.params.stream_window, self.params.stream_window_max)
+        r = RecvStream(sid, self.params.stream_window, self.params.stream_window_max)
+        self._recv[sid] = r
+        if self._learned_window > r.window:
+            # A stream starts with the window earlier streams of this peer grew to (a transfer
+            # per stream need not learn it again), advertised at once: the peer assumes the
+            # configured initial window until told.
+            r.window = r.max_data = self._learned_window
+            self._max_stream_pending.add(sid)
 
     def write(self, sid: int, data: bytes, fin: bool = False) -> None:
         """Queue bytes on a stream (call `send_space` first to respect the send buffer)."""
@@ -340,6 +348,8 @@ class Connection:
         if r is not None:
             if r.on_consumed(n, now, rtt) is not None:
                 self._max_stream_pending.add(sid)
+                if r.window > self._learned_window:
+                    self._learned_window = r.window
                 # The connection window stays ahead of any one stream's (1.5x, as Chromium
                 # does), or a grown stream window would only move the stall to the connection.
                 floor = min(self._conn_window_max, r.window * 3 // 2)
