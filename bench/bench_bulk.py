@@ -582,6 +582,10 @@ def _cc_state(cc: object) -> str:
     extra = getattr(cc, "extra_acked", None)
     if isinstance(extra, float):
         parts.append(f"extra_acked={extra:.0f}")
+    for k in ("congestion_rounds", "random_loss"):
+        v = getattr(cc, k, None)
+        if isinstance(v, int | float):
+            parts.append(f"{k}={v:.3g}")
     return " ".join(parts)
 
 

@@ -17,6 +17,8 @@ import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field, replace
 
+import pytest
+
 from cellmesh.config import NodeConfig
 from cellmesh.sim import SIM_CONFIG, Addr, LinkModel, SimNetwork, SimNode, add_endpoint
 from cellmesh.sim.endpoints import sim_identity
@@ -156,7 +158,9 @@ class Shared:
     offered: int  # datagrams offered to the bottleneck
 
 
-def two_flows_through_a_bottleneck(queue_limit: int, seconds: float = 6.0) -> Shared:
+def two_flows_through_a_bottleneck(
+    queue_limit: int, seconds: float = 6.0, controllers: tuple[str, str] = ("bbr", "bbr")
+) -> Shared:
     net = SimNetwork(21, default_link=LinkModel(latency=0.005, mtu=ETHERNET))
     router = net.add_node(Router(), name="router")
     sink = Sink()
@@ -168,7 +172,10 @@ def two_flows_through_a_bottleneck(queue_limit: int, seconds: float = 6.0) -> Sh
         LinkModel(latency=0.005, bandwidth=BOTTLENECK, queue_limit=queue_limit, mtu=ETHERNET),
         symmetric=False,
     )
-    senders = [add_endpoint(net, config("bbr"), sim_identity(net, f"sender{i}")) for i in range(2)]
+    senders = [
+        add_endpoint(net, config(cc), sim_identity(net, f"sender{i}"))
+        for i, cc in enumerate(controllers)
+    ]
     handshake(net, senders, router.addr, hub)
     flows = [Bulk(s, hub.core.cell_id) for s in senders]
     net.run_for(2.0)  # both flows ramp up
@@ -186,7 +193,8 @@ def two_flows_through_a_bottleneck(queue_limit: int, seconds: float = 6.0) -> Sh
         router.core.to_hub - offered0,
     )
     print(
-        f"\nbottleneck {BOTTLENECK / 1e6:.1f} MB/s, queue {queue_limit // 1000} KB: flows "
+        f"\nbottleneck {BOTTLENECK / 1e6:.1f} MB/s, queue {queue_limit // 1000} KB: "
+        f"{' + '.join(controllers)} flows "
         f"{rates[0] / 1e6:.3f} + {rates[1] / 1e6:.3f} MB/s "
         f"(utilisation {sum(rates) / BOTTLENECK:.0%}), queue drops "
         f"{shared.drops}/{shared.offered} datagrams ({shared.drops / max(shared.offered, 1):.1%})"
@@ -246,3 +254,14 @@ def test_reno_backs_off_when_the_bottleneck_queue_overflows() -> None:
     # The window no longer grows without bound: it stays near what the path plus queue holds.
     assert max(samples[first:]) < 4 * (1e6 * 0.02 + 30_000)
     assert sink.of(a.core.cell_id, bulk.sid) > 0.5 * 1e6 * 4.0 * 0.5
+
+
+@pytest.mark.parametrize("queue_limit", [60_000, 20_000])
+def test_bbr_leaves_a_loss_based_flow_its_share(queue_limit: int) -> None:
+    """A fair citizen: next to a NewReno flow (which halves on every loss) through one
+    bottleneck, ours does not take it all, with a deep queue or a shallow one."""
+    r = two_flows_through_a_bottleneck(queue_limit, controllers=("bbr", "reno"))
+    bbr, reno = r.rates
+    assert reno >= 0.2 * BOTTLENECK, r.rates
+    assert bbr >= 0.2 * BOTTLENECK, r.rates
+    assert sum(r.rates) >= 0.7 * BOTTLENECK

@@ -39,6 +39,13 @@ EXTRA_ACKED_ROUNDS = 10
 EXTRA_ACKED_MAX_TIME = 0.1
 EPOCH_RESET_BYTES = 1 << 30  # an aggregation epoch this long is restarted (a counter bound)
 LOSS_THRESHOLD = 0.15
+QUEUED_LOSS_THRESHOLD = 0.02
+HOLD_ROUNDS_MAX = 63
+RANDOM_LOSS_ROUNDS = 16  # the random-loss estimate is the median over this many rounds
+# A queued round counts as congestion when it loses this many times the path's random loss.
+# Losses are counted when declared, so one round's count can be twice another's by chance
+# alone (57 of 516 packets against a 5.2% median was seen on the lossy bench path).
+RANDOM_LOSS_MARGIN = 3.0
 # Evidence needed before a lossy round counts as congestion: with few packets per round, random
 # loss alone often crosses the ratio (5% loss, 13 packets: two lost is 15.4%, about one round in
 # seven), and one such round at the very start used to end startup at a few hundred KB/s, from
@@ -203,6 +210,10 @@ class BbrLite:
         self._round_acked = 0
         self.inflight_hi = float("inf")
         self.bw_lo = float("inf")  # lowered on lossy rounds so the pacing rate yields too
+        self.hold_rounds = 0  # clean rounds to wait after a cut before probing up again
+        self.random_loss = 0.0  # the loss the path shows anyway (see _end_round)
+        self.congestion_rounds = 0  # rounds taken as congestion (the ceilings were cut)
+        self._round_losses: list[float] = []  # loss ratio of the last RANDOM_LOSS_ROUNDS rounds
         self._delivered = 0
         self._round_max_rtt = 0.0  # the largest RTT sample this round (a queue shows there)
         self._epoch_start = -1.0  # the current ACK-aggregation epoch (-1: none yet)
@@ -299,24 +310,48 @@ class BbrLite:
         self._next_round_delivered = delivered
         total = self._round_lost + self._round_acked
         lost = self._round_lost
+        queued = self._round_max_rtt > QUEUE_RTT_FACTOR * self.min_rtt
+        if total >= 8:
+            # What the path loses anyway (random loss, a radio link): the median loss of recent
+            # rounds. Congestion loses in bursts, when a queue overflows, and leaves most
+            # rounds clean; random loss takes its share of every round.
+            recent = self._round_losses
+            recent.append(lost / total)
+            if len(recent) > RANDOM_LOSS_ROUNDS:
+                del recent[0]
+            self.random_loss = sorted(recent)[len(recent) // 2]
+        # Out of startup, a round that shows a queue and loses clearly more than the path loses
+        # anyway is congestion: more than 2% (BBRv2's threshold) on a clean path, three times
+        # the random loss on a lossy one. Without a queue only heavy loss is. Startup fills a
+        # queue by design, so there only heavy loss counts.
+        if queued and self.state != "startup":
+            threshold = max(QUEUED_LOSS_THRESHOLD, RANDOM_LOSS_MARGIN * self.random_loss)
+        else:
+            threshold = LOSS_THRESHOLD
         if (
             self.btl_bw > 0  # a round before any bandwidth sample (e.g. data sent ahead of a
             # handshake message that was lost) says nothing about the path's capacity
             and total >= 8
             and lost >= LOSS_MIN_PACKETS
-            and lost / total > LOSS_THRESHOLD
+            and lost / total > threshold
         ):
             # Real congestion (BBRv2 style): cap what we keep in flight and the rate we pace at,
             # so a flow that filled a shallow queue yields to the others; and leave startup once
             # the evidence is strong. In startup, losses count only while a queue shows (the
             # round's RTT grew): random loss on a clean path would otherwise cap the rate at
             # what a few rounds measured (0.5 MB/s on a 5% lossy path), to grow 10% a round.
-            queued = self._round_max_rtt > QUEUE_RTT_FACTOR * self.min_rtt
             if self.state != "startup" or queued or lost >= STARTUP_LOSS_PACKETS:
+                self.congestion_rounds += 1
                 self.inflight_hi = max(0.7 * self.cwnd, MIN_WINDOW_PACKETS * self.mss)
                 self.bw_lo = max(0.85 * self._bw(), 1.0)
+                # Probe back up only after about as many rounds as a loss-based flow takes to
+                # regrow its window (one packet a round), as BBRv2 does to coexist with Reno
+                # and CUBIC: probing again at once would take back what they just yielded.
+                self.hold_rounds = min(max(int(self.cwnd / self.mss) // 2, 1), HOLD_ROUNDS_MAX)
             if self.state == "startup" and lost >= STARTUP_LOSS_PACKETS:
                 self.state = "drain"
+        elif self.hold_rounds > 0:
+            self.hold_rounds -= 1  # a clean round, but too soon after a cut to probe up
         else:
             # A clean round: probe back up multiplicatively, and drop the caps once past them.
             if self.inflight_hi != float("inf"):

@@ -240,9 +240,16 @@ def test_bbr_heavy_loss_round_caps_inflight_and_leaves_startup() -> None:
     assert d.cc.inflight_hi == pytest.approx(0.7 * before)
     assert d.cc.cwnd <= d.cc.inflight_hi
     assert d.cc.state in {"drain", "probe_bw"}
-    # Once losses subside the ceiling grows back multiplicatively (x1.25 per clean round, BBRv2
-    # style), and the pacing cap lifted with it, until neither binds any more.
+    # Once losses subside the ceiling holds for about as many rounds as a loss-based flow takes
+    # to regrow (half the window in packets, at most 63), then grows back multiplicatively
+    # (x1.25 per clean round, BBRv2 style), and the pacing cap lifted with it, until neither
+    # binds any more.
     hi = d.cc.inflight_hi
+    hold = d.cc.hold_rounds
+    assert 1 <= hold <= 63
+    for _ in range(hold):
+        d.round(20e6, 0.05)
+        assert d.cc.inflight_hi == hi
     d.round(20e6, 0.05)
     assert d.cc.inflight_hi in (pytest.approx(1.25 * hi), float("inf"))
     for _ in range(20):
@@ -381,3 +388,46 @@ def test_bbr_ack_aggregation_allowance_is_capped_and_forgotten() -> None:
     assert cc.extra_acked <= cc.cwnd
     cc.on_persistent_congestion(100.0)
     assert cc.extra_acked == 0.0
+
+
+def _cruising() -> BbrDriver:
+    d = BbrDriver()
+    for _ in range(6):
+        d.round(20e6, 0.05)  # bandwidth stops growing: startup ends, drain, then probe_bw
+    assert d.cc.state == "probe_bw"
+    return d
+
+
+def test_bbr_a_queue_with_more_than_2_percent_loss_is_congestion() -> None:
+    # A loss-based flow filling the bottleneck queue: the RTT grows and ~4% is lost. That is
+    # congestion (BBRv2's 2% threshold), and ours yields: both ceilings are cut.
+    queue = _cruising()
+    queue.round(20e6, 0.05 * QUEUE_RTT_FACTOR * 1.2, acks=96, lost=4)
+    queue.round(20e6, 0.05)
+    assert queue.cc.inflight_hi != float("inf")
+    assert queue.cc.bw_lo != float("inf")
+    assert queue.cc.hold_rounds > 0
+    # The same loss with the RTT at its minimum (no queue to overflow): random loss, no cut.
+    clean = _cruising()
+    clean.round(20e6, 0.05, acks=96, lost=4)
+    clean.round(20e6, 0.05)
+    assert clean.cc.inflight_hi == float("inf")
+    assert clean.cc.bw_lo == float("inf")
+
+
+def test_bbr_on_a_lossy_path_a_queue_must_lose_three_times_the_random_loss() -> None:
+    d = _cruising()
+    for _ in range(30):
+        d.round(20e6, 0.05, acks=95, lost=5)  # 5% random loss, no queue
+    assert d.cc.random_loss == pytest.approx(0.05, abs=0.005)
+    assert d.cc.inflight_hi == float("inf")
+    # Our own probing shows a queue now and then; 11% lost then (declared losses bunch up) is
+    # not congestion...
+    d.round(20e6, 0.05 * QUEUE_RTT_FACTOR * 1.2, acks=89, lost=11)
+    d.round(20e6, 0.05)
+    assert d.cc.inflight_hi == float("inf")
+    assert d.cc.bw_lo == float("inf")
+    # ...but well over three times the path's random loss while queueing is.
+    d.round(20e6, 0.05 * QUEUE_RTT_FACTOR * 1.2, acks=80, lost=20)
+    d.round(20e6, 0.05)
+    assert d.cc.inflight_hi != float("inf")
