@@ -319,15 +319,16 @@ class BbrLite:
             recent.append(lost / total)
             if len(recent) > RANDOM_LOSS_ROUNDS:
                 del recent[0]
-            self.random_loss = sorted(recent)[len(recent) // 2]
-        # Out of startup, a round that shows a queue and loses clearly more than the path loses
-        # anyway is congestion: more than 2% (BBRv2's threshold) on a clean path, three times
-        # the random loss on a lossy one. Without a queue only heavy loss is. Startup fills a
-        # queue by design, so there only heavy loss counts.
-        if queued and self.state != "startup":
-            threshold = max(QUEUED_LOSS_THRESHOLD, RANDOM_LOSS_MARGIN * self.random_loss)
-        else:
-            threshold = LOSS_THRESHOLD
+            # (Trusted once half the rounds are in: a few rounds say little.)
+            if len(recent) >= RANDOM_LOSS_ROUNDS // 2:
+                self.random_loss = sorted(recent)[(len(recent) - 1) // 2]
+        # A round that loses clearly more than the path loses anyway is congestion: out of
+        # startup and with a queue showing, more than 2% (BBRv2's threshold); without a queue
+        # (or in startup, which fills one by design) more than 15%; and on a lossy path, in
+        # either case, more than three times its random loss (10% random loss used to cut the
+        # rate every few rounds).
+        floor = QUEUED_LOSS_THRESHOLD if queued and self.state != "startup" else LOSS_THRESHOLD
+        threshold = max(floor, RANDOM_LOSS_MARGIN * self.random_loss)
         if (
             self.btl_bw > 0  # a round before any bandwidth sample (e.g. data sent ahead of a
             # handshake message that was lost) says nothing about the path's capacity
@@ -344,10 +345,12 @@ class BbrLite:
                 self.congestion_rounds += 1
                 self.inflight_hi = max(0.7 * self.cwnd, MIN_WINDOW_PACKETS * self.mss)
                 self.bw_lo = max(0.85 * self._bw(), 1.0)
-                # Probe back up only after about as many rounds as a loss-based flow takes to
-                # regrow its window (one packet a round), as BBRv2 does to coexist with Reno
-                # and CUBIC: probing again at once would take back what they just yielded.
-                self.hold_rounds = min(max(int(self.cwnd / self.mss) // 2, 1), HOLD_ROUNDS_MAX)
+                if self.state != "startup":
+                    # Probe back up only after about as many rounds as a loss-based flow takes
+                    # to regrow its window (one packet a round), as BBRv2 does to coexist with
+                    # Reno and CUBIC: probing again at once would take back what they yielded.
+                    # (Not for startup's own overshoot: nobody else was squeezed by it yet.)
+                    self.hold_rounds = min(max(int(self.cwnd / self.mss) // 2, 1), HOLD_ROUNDS_MAX)
             if self.state == "startup" and lost >= STARTUP_LOSS_PACKETS:
                 self.state = "drain"
         elif self.hold_rounds > 0:
