@@ -311,17 +311,6 @@ class BbrLite:
         total = self._round_lost + self._round_acked
         lost = self._round_lost
         queued = self._round_max_rtt > QUEUE_RTT_FACTOR * self.min_rtt
-        if total >= 8:
-            # What the path loses anyway (random loss, a radio link): the median loss of recent
-            # rounds. Congestion loses in bursts, when a queue overflows, and leaves most
-            # rounds clean; random loss takes its share of every round.
-            recent = self._round_losses
-            recent.append(lost / total)
-            if len(recent) > RANDOM_LOSS_ROUNDS:
-                del recent[0]
-            # (Trusted once half the rounds are in: a few rounds say little.)
-            if len(recent) >= RANDOM_LOSS_ROUNDS // 2:
-                self.random_loss = sorted(recent)[(len(recent) - 1) // 2]
         # A round that loses clearly more than the path loses anyway is congestion: out of
         # startup and with a queue showing, more than 2% (BBRv2's threshold); without a queue
         # (or in startup, which fills one by design) more than 15%; and on a lossy path, in
@@ -329,13 +318,28 @@ class BbrLite:
         # rate every few rounds).
         floor = QUEUED_LOSS_THRESHOLD if queued and self.state != "startup" else LOSS_THRESHOLD
         threshold = max(floor, RANDOM_LOSS_MARGIN * self.random_loss)
-        if (
+        congested = (
             self.btl_bw > 0  # a round before any bandwidth sample (e.g. data sent ahead of a
             # handshake message that was lost) says nothing about the path's capacity
             and total >= 8
             and lost >= LOSS_MIN_PACKETS
             and lost / total > threshold
-        ):
+        )
+        if total >= 8 and not (congested and queued) and self.state != "startup":
+            # What the path loses anyway (random loss, a radio link): the median loss of recent
+            # rounds. Congestion loses in bursts, when a queue overflows, and leaves most
+            # rounds clean; random loss takes its share of every round. Rounds that lost too
+            # much while a queue showed (and startup's, which overshoots by design) are left
+            # out, so loss that persists under congestion never becomes the norm the threshold
+            # is measured against; heavy loss without a queue is the link's own and counts.
+            recent = self._round_losses
+            recent.append(lost / total)
+            if len(recent) > RANDOM_LOSS_ROUNDS:
+                del recent[0]
+            # (Trusted once half the rounds are in: a few rounds say little.)
+            if len(recent) >= RANDOM_LOSS_ROUNDS // 2:
+                self.random_loss = sorted(recent)[(len(recent) - 1) // 2]
+        if congested:
             # Real congestion (BBRv2 style): cap what we keep in flight and the rate we pace at,
             # so a flow that filled a shallow queue yields to the others; and leave startup once
             # the evidence is strong. In startup, losses count only while a queue shows (the
@@ -345,11 +349,12 @@ class BbrLite:
                 self.congestion_rounds += 1
                 self.inflight_hi = max(0.7 * self.cwnd, MIN_WINDOW_PACKETS * self.mss)
                 self.bw_lo = max(0.85 * self._bw(), 1.0)
-                if self.state != "startup":
+                if self.state != "startup" and len(self._round_losses) >= RANDOM_LOSS_ROUNDS // 2:
                     # Probe back up only after about as many rounds as a loss-based flow takes
                     # to regrow its window (one packet a round), as BBRv2 does to coexist with
                     # Reno and CUBIC: probing again at once would take back what they yielded.
-                    # (Not for startup's own overshoot: nobody else was squeezed by it yet.)
+                    # Not for startup's own overshoot (nobody else was squeezed by it yet), nor
+                    # before the path's random loss is known (it may be all this loss was).
                     self.hold_rounds = min(max(int(self.cwnd / self.mss) // 2, 1), HOLD_ROUNDS_MAX)
             if self.state == "startup" and lost >= STARTUP_LOSS_PACKETS:
                 self.state = "drain"
@@ -406,6 +411,9 @@ class BbrLite:
         self.min_rtt = float("inf")
         self._extra_filter.clear()
         self.extra_acked = 0.0
+        self.hold_rounds = 0
+        self._round_losses.clear()
+        self.random_loss = 0.0
         self._epoch_start = -1.0
         self._epoch_acked = 0
         self.cwnd = INITIAL_WINDOW_PACKETS * self.mss

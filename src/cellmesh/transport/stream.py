@@ -21,12 +21,18 @@ FINAL_SIZE_ERROR = 4
 # Out-of-order pieces one stream may hold. A 4 MiB window of 1120-byte frames needs ~3,800; a peer
 # that slices data into tiny, scattered pieces to burn our CPU and memory is refused.
 MAX_CHUNKS = 8192
+# A grown window allows one piece per this many bytes of it (an honest sender's frames carry at
+# least ~1,100 bytes at the 1200-byte floor): a 16 MiB window behind one lost packet holds ~15,000.
+CHUNK_BYTES_PER_PIECE = 1024
 # Receive-window auto-tuning (as Chromium's QUIC flow controller does): when the application reads
 # so fast that window updates go out less than WINDOW_GROWTH_RTTS round trips apart, the window,
 # not the path, is what limits the sender, so the window doubles, up to its configured maximum.
 # A reader that keeps up with a fast sender earns a large window; an idle or slow reader keeps the
 # small one, so memory is spent only where it buys throughput.
 WINDOW_GROWTH_RTTS = 2.0
+# The RTT that test uses is capped: the peer sets our RTT estimate (it times its ACKs), and a peer
+# that delayed them for seconds would otherwise make a slow reader's window grow.
+WINDOW_GROWTH_MAX_RTT = 0.25
 
 
 # Writes smaller than this are gathered into one chunk (up to TAIL_CHUNK bytes), so an
@@ -82,9 +88,14 @@ class SendBuffer:
 
     def take(self, start: int, stop: int) -> bytes | memoryview:
         """The bytes [start, stop) (within [base, end)): a view of one chunk when they lie in
-        one, else joined."""
-        if self._tail and stop > self._tail_start:
-            self._seal_tail()
+        one, else joined (bytes still being gathered are copied out: the gathering buffer stays
+        open, so small writes sent one by one do not become a chunk each)."""
+        tail_start = self._tail_start
+        if self._tail and stop > tail_start:
+            if start >= tail_start:
+                return bytes(self._tail[start - tail_start : stop - tail_start])
+            head = self.take(start, tail_start)
+            return b"".join((head, self._tail[: stop - tail_start]))
         chunks, starts = self._chunks, self._starts
         i = bisect_right(starts, start, self._first) - 1
         c, cs = chunks[i], starts[i]
@@ -326,9 +337,10 @@ class RecvStream:
                     break
                 nxt = self._buffered.next_start_after(pos)
                 stop = end if nxt is None else min(end, nxt)
-                if len(self._chunks) >= MAX_CHUNKS:
+                limit = max(MAX_CHUNKS, self.window // CHUNK_BYTES_PER_PIECE)
+                if len(self._chunks) >= limit:
                     raise RemoteProtocolError(
-                        f"stream {self.stream_id}: more than {MAX_CHUNKS} out-of-order pieces",
+                        f"stream {self.stream_id}: more than {limit} out-of-order pieces",
                         FLOW_CONTROL_ERROR,
                     )
                 self._chunks[pos] = data[pos - offset : stop - offset]
@@ -400,7 +412,7 @@ def grown_window(
         last_update is not None
         and window < max_window
         and rtt > 0
-        and now - last_update < WINDOW_GROWTH_RTTS * rtt
+        and now - last_update < WINDOW_GROWTH_RTTS * min(rtt, WINDOW_GROWTH_MAX_RTT)
     ):
         return min(2 * window, max_window)
     return window

@@ -390,6 +390,9 @@ def _cruising() -> BbrDriver:
     for _ in range(6):
         d.round(20e6, 0.05)  # bandwidth stops growing: startup ends, drain, then probe_bw
     assert d.cc.state == "probe_bw"
+    for _ in range(8):
+        d.round(20e6, 0.05)  # enough clean rounds for the path's random loss (0) to be known
+    assert d.cc.random_loss == 0.0
     return d
 
 
@@ -434,3 +437,28 @@ def test_bbr_on_a_lossy_path_a_queue_must_lose_three_times_the_random_loss() -> 
     d.round(20e6, 0.05 * QUEUE_RTT_FACTOR * 1.2, acks=80, lost=20)
     d.round(20e6, 0.05)
     assert d.cc.inflight_hi != float("inf")
+
+
+def test_bbr_keeps_yielding_when_congestion_loses_in_every_round() -> None:
+    # A queue that stays full and loses 6% of every round (many loss-based flows): that loss must
+    # not become the "random" loss the threshold is measured against, or ours would stop yielding.
+    d = _cruising()
+    for _ in range(40):
+        d.round(20e6, 0.05 * QUEUE_RTT_FACTOR * 1.2, acks=94, lost=6)
+    assert d.cc.random_loss == 0.0
+    assert d.cc.congestion_rounds >= 10
+    assert d.cc.inflight_hi != float("inf")
+
+
+def test_bbr_persistent_congestion_forgets_the_path_it_learned() -> None:
+    d = _cruising()
+    for _ in range(20):
+        d.round(20e6, 0.05, acks=95, lost=5)
+    d.round(20e6, 0.05 * QUEUE_RTT_FACTOR * 1.2, acks=70, lost=30)
+    d.round(20e6, 0.05)
+    assert d.cc.random_loss > 0
+    assert d.cc.hold_rounds > 0
+    d.cc.on_persistent_congestion(d.now)
+    assert d.cc.random_loss == 0.0
+    assert d.cc.hold_rounds == 0
+    assert d.cc.state == "startup"

@@ -11,7 +11,7 @@ from cellmesh.errors import LocalProtocolError, MalformedError, RemoteProtocolEr
 from cellmesh.identity.keys import Identity
 from cellmesh.transport.connection import Connection, TransportParams
 from cellmesh.transport.endpoint import MAX_REPEATED_ANSWERS, Endpoint
-from cellmesh.transport.stream import MAX_CHUNKS, RecvStream
+from cellmesh.transport.stream import CHUNK_BYTES_PER_PIECE, MAX_CHUNKS, RecvStream
 from cellmesh.wire.header import HEADER_LEN, FrameType, pull_header
 from cellmesh.wire.messages import (
     HandshakePattern,
@@ -56,11 +56,32 @@ def test_unreliable_sends_larger_than_the_path_are_refused_clearly() -> None:
 
 
 def test_a_stream_sliced_into_too_many_scattered_pieces_is_refused() -> None:
-    r = RecvStream(1, 1 << 30)
+    r = RecvStream(1, 4 << 20)  # the default window: the floor of MAX_CHUNKS pieces applies
     for i in range(MAX_CHUNKS):
         r.on_frame(2 + 2 * i, b"x", False)  # one byte every other byte: nothing deliverable
     with pytest.raises(RemoteProtocolError, match="out-of-order pieces"):
         r.on_frame(2 + 2 * MAX_CHUNKS, b"x", False)
+
+
+def test_a_grown_window_behind_one_lost_packet_holds_every_honest_frame() -> None:
+    """A 16 MiB window (auto-tuned) with its first packet lost: the ~15,000 full frames that
+    follow are all within the window and must be held, not refused as slicing."""
+    window = 16 << 20
+    r = RecvStream(1, window, window)
+    frame = 1104  # a full frame at the 1200-byte path MTU
+    n = (window - frame) // frame
+    for i in range(1, n + 1):
+        r.on_frame(i * frame, bytes(frame), False)
+    assert r.buffered_out_of_order == n * frame
+    data, _ = r.on_frame(0, bytes(frame), False)  # the retransmission fills the gap
+    assert len(data) == (n + 1) * frame
+    # Slicing is still bounded: one piece per CHUNK_BYTES_PER_PIECE bytes of the window.
+    s = RecvStream(3, window, window)
+    pieces = window // CHUNK_BYTES_PER_PIECE
+    for i in range(pieces):
+        s.on_frame(2 + 2 * i, b"x", False)
+    with pytest.raises(RemoteProtocolError, match="out-of-order pieces"):
+        s.on_frame(2 + 2 * pieces, b"x", False)
 
 
 def test_stop_sending_returns_unread_credit_to_the_connection() -> None:

@@ -636,3 +636,21 @@ def test_a_frame_within_one_written_chunk_is_a_view_not_a_copy() -> None:
     assert isinstance(got[1], memoryview)
     assert got[1].obj is chunk
     assert got[1] == chunk[:1000]
+
+
+def test_a_peer_delaying_its_acks_cannot_grow_a_slow_readers_window() -> None:
+    # The RTT the growth test uses is ours to measure but the peer's to inflate (it times its
+    # ACKs): past 250 ms it counts as 250 ms, so updates 1 s apart never grow the window.
+    assert grown_window(1000, 4000, 0.0, 1.0, rtt=3.0) == 1000
+    assert grown_window(1000, 4000, 0.0, 0.4, rtt=3.0) == 2000  # under 2 x 250 ms: a fast reader
+
+
+def test_small_writes_sent_one_by_one_are_gathered_not_kept_a_chunk_each() -> None:
+    s = SendStream(1, BIG)
+    for _ in range(2000):
+        s.write(b"12345678", fin=False)  # an interactive writer: each piece goes out at once
+        assert s.next_frame(1000, BIG) is not None
+    assert s.buffered == 16_000  # nothing acknowledged yet
+    assert len(s._buf._chunks) == 0  # still one gathering buffer, not 2,000 chunks
+    s.on_acked(0, 16_000, False)
+    assert s.buffered == 0
