@@ -882,7 +882,25 @@ class Connection:
         if not parts:
             return None
         plaintext = b"".join(parts)
-        size = used + HEADER_AND_TAG
+        # (app-limited when nothing more is waiting to be sent)
+        self._track(pn, now, used + HEADER_AND_TAG, True, frames, not rr, 0)
+        self.stats.packets_sent += 1
+        if pn > self._largest_sent:
+            self._largest_sent = pn
+        return plaintext
+
+    def _track(
+        self,
+        pn: int,
+        now: float,
+        size: int,
+        in_flight: bool,
+        frames: list[tuple[Any, ...]],
+        app_limited: bool,
+        probe: int,
+    ) -> None:
+        """Remember ack-eliciting packet `pn` until it is acknowledged or lost, and count what
+        it puts in flight (congestion control, pacing)."""
         if not self.bytes_in_flight:
             self._first_sent_time = now
             self._delivered_time = now
@@ -891,21 +909,19 @@ class Connection:
             now,
             size,
             True,
-            True,
+            in_flight,
             frames,
             self._delivered,
             self._delivered_time,
             self._first_sent_time,
-            not rr,  # app-limited: nothing more to send right now
+            app_limited,
+            probe,
         )
         self._last_eliciting_sent = now
-        self.bytes_in_flight += size
-        self.cc.on_sent(size, now)
-        self._pace(size, now)
-        self.stats.packets_sent += 1
-        if pn > self._largest_sent:
-            self._largest_sent = pn
-        return plaintext
+        if in_flight:
+            self.bytes_in_flight += size
+            self.cc.on_sent(size, now)
+            self._pace(size, now)
 
     def _pace(self, size: int, now: float) -> None:
         """Space the next packet after one of `size` bytes at the pacing rate."""
@@ -974,27 +990,7 @@ class Connection:
         if self._probes_due and eliciting:
             self._probes_due -= 1
         if eliciting:
-            if not self.bytes_in_flight:
-                self._first_sent_time = now
-                self._delivered_time = now
-            self._sent[pn] = SentPacket(
-                pn,
-                now,
-                size,
-                True,
-                in_flight,
-                frames,
-                self._delivered,
-                self._delivered_time,
-                self._first_sent_time,
-                not self._has_reliable_work(),
-                probe,
-            )
-            self._last_eliciting_sent = now
-            if in_flight:
-                self.bytes_in_flight += size
-                self.cc.on_sent(size, now)
-                self._pace(size, now)
+            self._track(pn, now, size, in_flight, frames, not self._has_reliable_work(), probe)
         self.stats.packets_sent += 1
         self._largest_sent = max(self._largest_sent, pn)
         return plaintext
