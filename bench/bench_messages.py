@@ -70,6 +70,7 @@ from bench_bulk import (
 )
 from cellmesh.config import NodeConfig
 from cellmesh.identity.keys import Identity
+from cellmesh.node.allocator import tune_malloc
 from cellmesh.node.node import Node
 
 BENCH = "bench_messages"
@@ -147,6 +148,7 @@ def receiver_child(conn: Connection) -> None:
     """Counts DATA messages, echoes ECHO messages; ("expect", n) -> report once n arrived."""
     try:
         kind = conn.recv()
+        tune_malloc()  # the allocator settings a Node applies, for ours and the baseline
         asyncio.run(_receiver(conn, str(kind)))
     except BaseException as exc:
         send_error(conn, exc)
@@ -251,6 +253,7 @@ def sender_child(conn: Connection) -> None:
     """On ("run", max_msgs, max_s) sends; on ("rtt", n) measures round trips; reports each."""
     try:
         kind = conn.recv()
+        tune_malloc()  # the allocator settings a Node applies, for ours and the baseline
         asyncio.run(_sender(conn, str(kind)))
     except BaseException as exc:
         send_error(conn, exc)

@@ -206,6 +206,15 @@ class NodeConfig:
     max_streams: int = field(
         default=1024, metadata=_doc("Streams open at once per peer, in each direction.")
     )
+    tune_malloc: bool = field(
+        default=True,
+        metadata=_doc(
+            "Fix glibc's malloc thresholds (mmap 4 MiB, trim 64 MiB) when the node starts: bulk "
+            "transfer is up to ~1.5x faster; up to 64 MiB of freed memory may stay with the "
+            "process. It changes the whole process: an application embedding a node may turn "
+            "it off."
+        ),
+    )
     discovery: bool = field(
         default=True,
         metadata=_doc(

@@ -49,6 +49,7 @@ EXPECTED_DEFAULTS: dict[str, object] = {
     "connection_window_max": 64 * 1024 * 1024,
     "send_buffer_max": 16 * 1024 * 1024,
     "max_streams": 1024,
+    "tune_malloc": True,
     "discovery": True,
     "mesh_name": "cellmesh",
     "mesh_key": "",

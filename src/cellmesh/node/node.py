@@ -26,6 +26,7 @@ from cellmesh.errors import LocalProtocolError, PeerUnreachableError
 from cellmesh.filter.inspection import Inspector
 from cellmesh.identity.cellid import format_cell_id, parse_cell_id
 from cellmesh.identity.keys import Identity
+from cellmesh.node.allocator import tune_malloc
 from cellmesh.node.anchor import ANCHOR_MAGIC, AnchorDriver
 from cellmesh.node.blob_service import BlobService
 from cellmesh.node.channels import ChannelDriver
@@ -190,6 +191,8 @@ class Node:
     async def start(self) -> None:
         """Bind sockets, start the core, dial static peers."""
         loop = asyncio.get_running_loop()
+        if self.config.tune_malloc:
+            tune_malloc()  # (node/allocator.py: why, and what it costs)
         # Settings first: a bad membership certificate is a ConfigError before anything is bound.
         settings = self._discovery_settings
         if settings is None and self.config.discovery:
