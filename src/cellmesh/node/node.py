@@ -488,7 +488,9 @@ class Node:
         self._endpoint.handle_timer(self._now())
         self._pump()
 
-    def _take_stream_data(self, cell_id: bytes, stream_id: int, data: bytes, fin: bool) -> bool:
+    def _take_stream_data(
+        self, cell_id: bytes, stream_id: int, data: bytes | memoryview, fin: bool
+    ) -> bool:
         """The endpoint's stream sink: bytes for a stream we hold go straight to it."""
         st = self._streams.get((cell_id, stream_id))
         if st is None:

@@ -35,7 +35,7 @@ class Stream:
         self._node = node
         self.cell_id = cell_id
         self.stream_id = stream_id
-        self._chunks: deque[bytes] = deque()
+        self._chunks: deque[bytes | memoryview] = deque()  # (large frames: views of packets)
         self._unread: deque[bytes] = deque()
         """Bytes already read (and credited to flow control) that were pushed back."""
         self._eof = False
@@ -50,7 +50,7 @@ class Stream:
 
     # -- fed by the node's event dispatch
 
-    def _feed(self, data: bytes, fin: bool) -> None:
+    def _feed(self, data: bytes | memoryview, fin: bool) -> None:
         if data:
             self._chunks.append(data)
         if fin:
@@ -101,20 +101,22 @@ class Stream:
             self._readable.clear()
             await self._readable.wait()
         chunks = self._chunks
-        chunk = chunks.popleft()
-        if len(chunk) > n:
-            chunks.appendleft(chunk[n:])
-            chunk = chunk[:n]
-        elif chunks and len(chunk) + len(chunks[0]) <= n:
+        first = chunks.popleft()
+        if len(first) > n:
+            chunks.appendleft(first[n:])
+            first = first[:n]
+        if chunks and len(first) + len(chunks[0]) <= n:
             # Several packets' worth waiting: hand them over together (one await, one flow
             # credit update) rather than one packet-sized piece per read.
-            parts = [chunk]
-            size = len(chunk)
+            parts = [first]
+            size = len(first)
             while chunks and size + len(chunks[0]) <= n:
                 nxt = chunks.popleft()
                 parts.append(nxt)
                 size += len(nxt)
             chunk = b"".join(parts)
+        else:
+            chunk = first if type(first) is bytes else bytes(first)  # (a view of a packet)
         self.bytes_read += len(chunk)
         self._node._stream_consumed(self, len(chunk))
         return chunk

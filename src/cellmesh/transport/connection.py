@@ -525,7 +525,14 @@ class Connection:
         return self._recv[sid]
 
     def on_stream_packet(
-        self, pn: int, sid: int, offset: int, data: bytes, fin: bool, now: float, size: int
+        self,
+        pn: int,
+        sid: int,
+        offset: int,
+        data: bytes | memoryview,
+        fin: bool,
+        now: float,
+        size: int,
     ) -> None:
         """`on_packet` for a packet that is exactly one STREAM record (the bulk of a transfer),
         given its decoded fields (`wire.messages.pull_single_stream`)."""
@@ -535,7 +542,9 @@ class Connection:
     def _on_stream(self, m: StreamFrame) -> None:
         self._on_stream_data(m.stream_id, m.offset, m.data, m.fin)
 
-    def _on_stream_data(self, stream_id: int, offset: int, chunk: bytes, end: bool) -> None:
+    def _on_stream_data(
+        self, stream_id: int, offset: int, chunk: bytes | memoryview, end: bool
+    ) -> None:
         r = self._stream_for_peer_frame(stream_id)
         if r is None:
             return

@@ -340,7 +340,7 @@ class Endpoint:
         """None: application datagrams arrive as `DatagramReceived` events. A driver may set a
         callable (cell_id, data) that takes them directly instead: the one event a busy peer
         produces per packet, handed over without an event object and a queue in between."""
-        self.stream_sink: Callable[[bytes, int, bytes, bool], bool] | None = None
+        self.stream_sink: Callable[[bytes, int, bytes | memoryview, bool], bool] | None = None
         """None: in-order stream bytes arrive as `StreamData` events. A driver may set a
         callable (cell_id, stream_id, data, fin) that takes them directly and returns True, or
         False to leave them as an event (a stream it does not hold yet). It is called only while
@@ -1030,7 +1030,9 @@ class Endpoint:
             if kind == "data":
                 sink = self.stream_sink
                 if sink is None or ev or not sink(cell, e[1], e[2], e[3]):
-                    ev.append(StreamData(cell, e[1], e[2], e[3]))
+                    # (A large frame's data may be a view of its packet: events carry bytes.)
+                    data = e[2] if type(e[2]) is bytes else bytes(e[2])
+                    ev.append(StreamData(cell, e[1], data, e[3]))
             elif kind == "message":
                 if e[2]:
                     # The channel layer takes publications as they come (its own queues count
@@ -1285,7 +1287,7 @@ class Endpoint:
         s: Session,
         conn: Connection,
         pn: int,
-        st: tuple[int, int, bytes, bool],
+        st: tuple[int, int, bytes | memoryview, bool],
         now: float,
         size: int,
     ) -> bool:

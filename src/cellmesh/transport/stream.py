@@ -293,11 +293,13 @@ class RecvStream:
         self.final_size: int | None = None
         self.fin_delivered = False
         self.reset_code: int | None = None
-        self._chunks: dict[int, bytes] = {}
+        self._chunks: dict[int, bytes | memoryview] = {}
         self._offsets: list[int] = []
         self._buffered = RangeSet(limit=1 << 20)  # what the chunks cover: they never overlap
 
-    def on_frame(self, offset: int, data: bytes, fin: bool) -> tuple[bytes, bool]:
+    def on_frame(
+        self, offset: int, data: bytes | memoryview, fin: bool
+    ) -> tuple[bytes | memoryview, bool]:
         """Take a STREAM frame; return (bytes now deliverable in order, fin reached).
 
         Raises `RemoteProtocolError` when the peer exceeds our flow-control window or changes the

@@ -43,7 +43,7 @@ def test_bytes_of_a_held_stream_go_to_the_sink_and_others_stay_events() -> None:
     a, b = pair()
     held: dict[int, bytearray] = {}
 
-    def sink(cell: bytes, sid: int, data: bytes, fin: bool) -> bool:
+    def sink(cell: bytes, sid: int, data: bytes | memoryview, fin: bool) -> bool:
         if sid not in held:
             return False  # a stream the driver does not hold: leave it as an event
         held[sid] += data
@@ -71,8 +71,8 @@ def test_the_sink_waits_behind_a_pending_event() -> None:
     a, b = pair()
     taken: list[bytes] = []
 
-    def sink(cell: bytes, sid: int, data: bytes, fin: bool) -> bool:
-        taken.append(data)
+    def sink(cell: bytes, sid: int, data: bytes | memoryview, fin: bool) -> bool:
+        taken.append(bytes(data))
         return True
 
     b.stream_sink = sink

@@ -77,7 +77,8 @@ def test_single_stream_agrees_with_the_general_decoder(
     if single is None:
         assert general is None or len(general) != 1 or not isinstance(general[0], StreamFrame)
     else:
-        assert general == [StreamFrame(*single)]
+        sid_, off_, data_, fin_ = single
+        assert general == [StreamFrame(sid_, off_, bytes(data_), fin_)]
 
 
 @given(
@@ -136,3 +137,18 @@ _REASONS = {
     VersionError: "bad_version",
     MalformedError: "malformed",
 }
+
+
+def test_a_large_stream_frame_is_a_view_of_its_packet() -> None:
+    data = bytes(range(256)) * 40  # 10,240 bytes: above the size where a view beats a copy
+    head, body = push_stream_parts(7, 1 << 20, data, True)
+    packet = head + body
+    got = pull_single_stream(packet)
+    assert got is not None
+    assert isinstance(got[2], memoryview)
+    assert got[2].obj is packet
+    assert (got[0], got[1], bytes(got[2]), got[3]) == (7, 1 << 20, data, True)
+    small = pull_single_stream(b"".join(push_stream_parts(7, 0, b"abc", False)))
+    assert small == (7, 0, b"abc", False)
+    assert small is not None
+    assert type(small[2]) is bytes
