@@ -333,7 +333,7 @@ def build_pools(target: Addr, identities: int, rng: random.Random) -> dict[str, 
     for _ in range(identities):
         ep = Endpoint(Identity.generate(), config, 0.0)
         ep.connect(target, 0.0)
-        frame = ep.datagrams_to_send()[0][0]
+        frame = bytes(ep.datagrams_to_send()[0][0])
         if frame[1] != FrameType.HANDSHAKE_INIT:
             raise RuntimeError("Endpoint.connect did not produce a HANDSHAKE_INIT")
         real.append(frame)

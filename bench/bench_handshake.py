@@ -46,6 +46,7 @@ from cellmesh.config import NodeConfig
 from cellmesh.identity.keys import Identity
 from cellmesh.transport.endpoint import Endpoint
 from cellmesh.transport.handshake import InitiatorHandshake, ResponderHandshake
+from cellmesh.wire.header import Datagram
 from cellmesh.wire.messages import HandshakePattern
 
 BENCH = "bench_handshake"
@@ -89,7 +90,7 @@ def endpoint_handshake(ea: Endpoint, eb: Endpoint) -> int:
     ea.connect(B_ADDR, now)
     count = 0
     out_a = ea.datagrams_to_send()
-    out_b: list[tuple[bytes, Addr]] = []
+    out_b: list[tuple[Datagram, Addr]] = []
     while out_a or out_b:
         for data, _ in out_a:
             eb.receive_datagram(data, A_ADDR, now)

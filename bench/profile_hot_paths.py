@@ -71,7 +71,7 @@ def data_datagrams(ea: Endpoint, eb: Endpoint, count: int) -> list[bytes]:
     for i in range(count):
         ea.send_datagram(eb.cell_id, payload, 0.0)
         if i % 32 == 31 or i == count - 1:
-            dgs.extend(d for d, _ in ea.datagrams_to_send() if len(d) == WIRE)
+            dgs.extend(bytes(d) for d, _ in ea.datagrams_to_send() if len(d) == WIRE)
     return dgs
 
 

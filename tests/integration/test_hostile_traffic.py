@@ -39,7 +39,7 @@ class SocketPeer:
         end = time.monotonic() + seconds
         while time.monotonic() < end:
             for data, addr in self.ep.datagrams_to_send():
-                self.sent.append(data)
+                self.sent.append(bytes(data))
                 self.sock.sendto(data, addr)
             try:
                 data, addr = self.sock.recvfrom(65535)
@@ -153,7 +153,7 @@ def test_node_survives_malformed_replayed_and_flooded_traffic(
     for _ in range(500):
         e = Endpoint(Identity.generate(), cfg, 0.0)
         e.connect(target, 0.0)
-        inits.append(e.datagrams_to_send()[0][0])
+        inits.append(bytes(e.datagrams_to_send()[0][0]))
     sent += _blast(target, iter(inits))
     time.sleep(0.5)
     rss_after = a.rss_kib()

@@ -3,7 +3,7 @@ that comes back from a new address with the same identity gets a session again."
 
 from __future__ import annotations
 
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import replace
 
 from cellmesh.sim import SIM_CONFIG, LinkModel, SimNetwork, add_endpoint, sim_identity
@@ -24,15 +24,15 @@ Sent = list[tuple[float, list[Message]]]
 def spy_on_packets(conn: Connection) -> Sent:
     """Record (now, records) of every packet `conn` builds (the plaintext before sealing)."""
     sent: Sent = []
-    build = conn.build_packet
+    build = conn.build_packet_parts
 
-    def recording(pn: int, now: float) -> bytes | None:
-        pt = build(pn, now)
-        if pt is not None:
-            sent.append((now, pull_messages(pt)))
-        return pt
+    def recording(pn: int, now: float) -> Sequence[bytes | memoryview] | None:
+        parts = build(pn, now)
+        if parts is not None:
+            sent.append((now, pull_messages(b"".join(parts))))
+        return parts
 
-    conn.build_packet = recording  # type: ignore[method-assign]
+    conn.build_packet_parts = recording  # type: ignore[method-assign]
     return sent
 
 

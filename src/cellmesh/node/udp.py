@@ -20,10 +20,11 @@ import socket
 import struct
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from cellmesh.config import parse_host_port
+from cellmesh.wire.header import Datagram
 
 log = logging.getLogger("cellmesh.udp")
 
@@ -103,7 +104,7 @@ class UdpSockets:
         self.sockets: list[socket.socket] = []
         self.stats = UdpStats()
         self._last_deliver_log = -60.0
-        self._backlog: deque[tuple[socket.socket, bytes, tuple[object, ...]]] = deque()
+        self._backlog: deque[tuple[socket.socket, Datagram, tuple[object, ...]]] = deque()
         self._v4: socket.socket | None = None
         self._v6: socket.socket | None = None
         self._v6_dual = False
@@ -232,7 +233,7 @@ class UdpSockets:
             return self._v6, (_MAPPED + host, port)
         return None
 
-    def send(self, data: bytes, addr: Addr) -> bool:
+    def send(self, data: Datagram, addr: Addr) -> bool:
         """Send now, or backlog when the kernel buffer is full. False if dropped."""
         route = self._route(addr)
         if route is None:
@@ -250,7 +251,7 @@ class UdpSockets:
             return False
         return True
 
-    def send_many(self, items: list[tuple[bytes, Addr]]) -> None:
+    def send_many(self, items: Sequence[tuple[Datagram, Addr]]) -> None:
         """Send datagrams in order, gluing runs of equal size to one address into GSO batches."""
         i, n = 0, len(items)
         while i < n:
@@ -277,7 +278,7 @@ class UdpSockets:
             i = j
 
     def _send_gso(
-        self, items: list[tuple[bytes, Addr]], i: int, j: int, addr: Addr, size: int
+        self, items: Sequence[tuple[Datagram, Addr]], i: int, j: int, addr: Addr, size: int
     ) -> bool:
         """Send items[i:j] (all to `addr`, all `size` bytes but the last) in one GSO sendmsg."""
         route = self._route(addr)
@@ -285,10 +286,14 @@ class UdpSockets:
             return False
         sock, target = route
         batch = items[i:j]
-        payload = b"".join([d for d, _ in batch])
         try:
+            # The datagrams go as the message's pieces (an iovec each): the kernel gathers them,
+            # so the batch is never joined into one buffer here.
             sock.sendmsg(
-                [payload], [(socket.SOL_UDP, UDP_SEGMENT, _GSO_SIZE.pack(size))], 0, target
+                [d for d, _ in batch],
+                [(socket.SOL_UDP, UDP_SEGMENT, _GSO_SIZE.pack(size))],
+                0,
+                target,
             )
         except BlockingIOError:
             for d, _ in batch:
@@ -303,7 +308,7 @@ class UdpSockets:
         self.stats.gso_batches += 1
         return True
 
-    def _enqueue(self, sock: socket.socket, data: bytes, target: tuple[object, ...]) -> bool:
+    def _enqueue(self, sock: socket.socket, data: Datagram, target: tuple[object, ...]) -> bool:
         if len(self._backlog) >= MAX_BACKLOG:
             self.stats.send_dropped += 1
             return False

@@ -695,7 +695,9 @@ class SimNetwork:
             out = core.datagrams_to_send()
             if out:
                 for data, dst in out:
-                    self._transmit(node, data, dst)
+                    # A link hands the very object it carries to every copy it delivers: a
+                    # datagram sealed in place (a bytearray) becomes bytes, as a socket gives.
+                    self._transmit(node, data if type(data) is bytes else bytes(data), dst)
             ev = core.next_event()
             if ev is None:
                 break

@@ -11,6 +11,8 @@ from __future__ import annotations
 from collections.abc import Sequence
 from typing import Protocol
 
+from cellmesh.wire.header import Datagram
+
 Addr = tuple[str, int]
 """A network address as the cores see it: (host, port)."""
 
@@ -25,7 +27,7 @@ class SansIOCore(Protocol):
     def receive_datagram(self, data: bytes, addr: Addr, now: float, /) -> None:
         """Feed one datagram that arrived from `addr` at virtual time `now`."""
 
-    def datagrams_to_send(self) -> Sequence[tuple[bytes, Addr]]:
+    def datagrams_to_send(self) -> Sequence[tuple[Datagram, Addr]]:
         """Take every datagram the core wants sent, each with its destination."""
         ...
 

@@ -26,6 +26,7 @@ losses at a size, and fall back to 1200 if full-size packets vanish (a black hol
 from __future__ import annotations
 
 from collections import OrderedDict, deque
+from collections.abc import Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -823,6 +824,13 @@ class Connection:
 
     def build_packet(self, pn: int, now: float) -> bytes | None:
         """The plaintext of packet `pn`, or None when nothing may be sent now."""
+        parts = self.build_packet_parts(pn, now)
+        return None if parts is None else b"".join(parts)
+
+    def build_packet_parts(self, pn: int, now: float) -> Sequence[bytes | memoryview] | None:
+        """`build_packet`, as the pieces its plaintext is the concatenation of (stream data as
+        views of what the application wrote): the sender seals them into the datagram with one
+        copy (`Session.seal_parts`) rather than joining them first."""
         if (
             self._control
             and not (self._ack_now or self._ack_deadline is not None or self._probes_due)
@@ -856,7 +864,7 @@ class Connection:
             return self._stream_packet(pn, now)
         return self._general_packet(pn, now)
 
-    def _stream_packet(self, pn: int, now: float) -> bytes | None:
+    def _stream_packet(self, pn: int, now: float) -> list[bytes | memoryview] | None:
         """The bulk case: one stream has data and nothing else is owed (no acknowledgement,
         control record, probe or other frame). Builds exactly the packet `_general_packet`
         would (its frames of that one stream, filled the same way), without its general
@@ -890,13 +898,12 @@ class Connection:
                 break
         if not parts:
             return None
-        plaintext = b"".join(parts)
         # (app-limited when nothing more is waiting to be sent)
         self._track(pn, now, used + HEADER_AND_TAG, True, frames, not rr, 0)
         self.stats.packets_sent += 1
         if pn > self._largest_sent:
             self._largest_sent = pn
-        return plaintext
+        return parts
 
     def _track(
         self,
@@ -940,7 +947,7 @@ class Connection:
             gap = min(size / rate, max(self.rtt.smoothed, 0.001))  # never park for long
             self._next_send_time = max(self._next_send_time, now - 0.002) + gap
 
-    def _general_packet(self, pn: int, now: float) -> bytes | None:
+    def _general_packet(self, pn: int, now: float) -> list[bytes | memoryview] | None:
         limit = self.mtu - HEADER_AND_TAG
         probe = 0
         parts: list[bytes | memoryview] = []
@@ -993,8 +1000,7 @@ class Connection:
             eliciting = True
         if not parts:
             return None
-        plaintext = b"".join(parts)
-        size = len(plaintext) + HEADER_AND_TAG
+        size = sum(map(len, parts)) + HEADER_AND_TAG
         in_flight = eliciting and not probe
         if self._probes_due and eliciting:
             self._probes_due -= 1
@@ -1002,9 +1008,9 @@ class Connection:
             self._track(pn, now, size, in_flight, frames, not self._has_reliable_work(), probe)
         self.stats.packets_sent += 1
         self._largest_sent = max(self._largest_sent, pn)
-        return plaintext
+        return parts
 
-    def _control_packet(self, pn: int, now: float) -> bytes | None:
+    def _control_packet(self, pn: int, now: float) -> Sequence[bytes | memoryview] | None:
         """A packet of queued unreliable records only; what `build_packet` would build when
         nothing else is due (same drops, same accounting)."""
         limit = self.mtu - HEADER_AND_TAG
@@ -1031,7 +1037,7 @@ class Connection:
         self.stats.packets_sent += 1
         if pn > self._largest_sent:
             self._largest_sent = pn
-        return parts[0] if len(parts) == 1 else b"".join(parts)
+        return parts
 
     def _fill_reliable(
         self,

@@ -112,6 +112,7 @@ from cellmesh.wire.header import (
     MAX_PAYLOAD,
     WIRE_VERSION,
     ZERO_CELL,
+    Datagram,
     FrameHeader,
     FrameType,
     associated_data,
@@ -180,6 +181,9 @@ RESPONDER_REKEY_DELAY = 10.0
 MAX_KNOWN_PEERS = 65536
 # Packets one flush may emit before yielding to the driver (the rest follow on an immediate timer).
 MAX_BURST = 64
+# Path MTU from which packets are sealed in place (`Session.seal_parts`): that saves a 64 KB
+# packet a copy and an allocation (1-3 us), but costs a small one ~0.6 us more than joining.
+SEAL_IN_PLACE_FROM = 16 * 1024
 # Mesh admission on handshakes: bit 7 of the INIT pattern byte says a 16-byte MAC under the mesh
 # key ends the body.
 MESH_MAC_FLAG = 0x80
@@ -358,7 +362,7 @@ class Endpoint:
         is a replay (WireGuard's TAI64N rule). Bounded; the oldest entries go first."""
         self._queued: dict[bytes, deque[Message]] = {}
         self._pings: OrderedDict[int, tuple[bytes, float]] = OrderedDict()
-        self._out: list[tuple[bytes, Addr]] = []
+        self._out: list[tuple[Datagram, Addr]] = []
         self._events: deque[Event] = deque()
         self._static: dict[Addr, _StaticPeer] = {}
         self._params = TransportParams(
@@ -417,8 +421,12 @@ class Endpoint:
 
     # ----------------------------------------------------------------- public API (sans-IO)
 
-    def receive_datagram(self, data: bytes, addr: Addr, now: float) -> None:
+    def receive_datagram(self, data: Datagram, addr: Addr, now: float) -> None:
         """Feed one received datagram. Never raises for bad input: it is dropped and counted."""
+        if type(data) is not bytes:
+            # (a bytearray another endpoint sealed in place, handed over directly in the
+            # simulator or a test; sockets always give bytes)
+            data = bytes(data)
         self._datagrams_in += 1
         n = len(data)
         self._bytes_in += n
@@ -602,7 +610,7 @@ class Endpoint:
             conn.note_received_range(lo, hi, now)
         return i
 
-    def datagrams_to_send(self) -> list[tuple[bytes, Addr]]:
+    def datagrams_to_send(self) -> list[tuple[Datagram, Addr]]:
         """Take every datagram the endpoint wants sent, with its destination."""
         if self._dirty:
             dirty, self._dirty = self._dirty, {}
@@ -1000,14 +1008,26 @@ class Endpoint:
             return
         sent = 0
         out = self._out
-        build, seal, addr = conn.build_packet, s.seal, s.addr
+        addr = s.addr
         # (build_packet returns None exactly when wants_to_send would say no.)
-        while sent < MAX_BURST:
-            plaintext = build(s.send_counter, now)
-            if plaintext is None:
-                break
-            out.append((seal(plaintext, now), addr))
-            sent += 1
+        if conn.mtu >= SEAL_IN_PLACE_FROM:
+            # Large packets: copied once into the datagram and encrypted where they lie.
+            build_parts, seal_parts = conn.build_packet_parts, s.seal_parts
+            while sent < MAX_BURST:
+                parts = build_parts(s.send_counter, now)
+                if parts is None:
+                    break
+                out.append((seal_parts(parts, now), addr))
+                sent += 1
+        else:
+            # Small ones: joining, encrypting and prefixing the header costs ~0.6 us less.
+            build, seal = conn.build_packet, s.seal
+            while sent < MAX_BURST:
+                plaintext = build(s.send_counter, now)
+                if plaintext is None:
+                    break
+                out.append((seal(plaintext, now), addr))
+                sent += 1
         if s.packets_under_key >= self.config.rekey_after_packets:
             self._start_rekey(s, now)
         t = now if sent >= MAX_BURST else conn.get_timer(now)
@@ -1533,15 +1553,15 @@ class Endpoint:
             return None
         return p
 
-    def _wrap_relayed(self, out: list[tuple[bytes, Addr]]) -> list[tuple[bytes, Addr]]:
+    def _wrap_relayed(self, out: list[tuple[Datagram, Addr]]) -> list[tuple[Datagram, Addr]]:
         """Turn frames for virtual addresses into RELAY records for the next hop."""
-        kept: list[tuple[bytes, Addr]] = []
+        kept: list[tuple[Datagram, Addr]] = []
         for frame, addr in out:
             dst = via_cell(addr)
             if dst is None:
                 kept.append((frame, addr))
             else:
-                self._relay_to(frame, dst, self._last_now, None)
+                self._relay_to(bytes(frame), dst, self._last_now, None)
         kept.extend(self._out)
         self._out = []
         return kept

@@ -30,6 +30,7 @@ from __future__ import annotations
 import struct
 from dataclasses import dataclass
 from enum import IntEnum
+from typing import TypeAlias
 
 from cellmesh.errors import MalformedError, OversizeError, TruncatedError, VersionError
 
@@ -40,6 +41,10 @@ ZERO_CELL = bytes(CELL_LEN)
 DEFAULT_HOP_TTL = 16
 MAX_PAYLOAD = 65507 - HEADER_LEN  # the largest UDP payload minus our header
 U64_MAX = 2**64 - 1
+
+Datagram: TypeAlias = bytes | bytearray
+"""A whole datagram as an endpoint hands it out to be sent: bulk packets are sealed in place in
+a bytearray (`Session.seal_parts`), everything else is bytes. Never modified once handed out."""
 
 _HEADER = struct.Struct("!BBBBHH16s16sQQII")
 assert _HEADER.size == HEADER_LEN

@@ -5,6 +5,7 @@ from __future__ import annotations
 import pytest
 from cryptography.hazmat.primitives.ciphers.aead import ChaCha20Poly1305
 
+from cellmesh.crypto import transport_cipher
 from cellmesh.crypto.noise import AES_GCM, CipherState
 from cellmesh.crypto.transport_cipher import MAX_PN, TAG_LEN, TransportCipher
 from cellmesh.errors import AuthenticationError, LocalProtocolError, NonceExhaustedError
@@ -88,3 +89,34 @@ def test_packet_number_limits() -> None:
 def test_key_length_checked(length: int) -> None:
     with pytest.raises(LocalProtocolError):
         TransportCipher(bytes(length))
+
+
+@pytest.mark.parametrize("in_place", [True, False])
+@pytest.mark.parametrize("size", [0, 1, 63, 64, 1200, 65_000])
+def test_seal_in_place_is_seal_where_the_plaintext_lies(
+    size: int, in_place: bool, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Both ways `seal_in_place` can work (in place, or the copying fallback for a library
+    that would refuse) give exactly `seal`'s bytes after whatever precedes the plaintext."""
+    monkeypatch.setattr(transport_cipher, "IN_PLACE", in_place)
+    tc = TransportCipher(KEY)
+    plain = bytes((i * 7) & 0xFF for i in range(size))
+    buf = bytearray(b"HEADER--") + bytearray(plain) + bytearray(TAG_LEN)
+    tc.seal_in_place(99, b"ad", buf, 8)
+    assert buf[:8] == b"HEADER--"
+    assert bytes(buf[8:]) == tc.seal(99, b"ad", plain)
+    assert tc.open(99, b"ad", bytes(buf[8:])) == plain
+
+
+def test_this_library_encrypts_in_place() -> None:
+    """The probe found in-place encryption working (if a future version of the library
+    breaks it, sealing falls back to a copy and this test says so)."""
+    assert transport_cipher.IN_PLACE
+
+
+def test_seal_in_place_needs_room_for_the_tag() -> None:
+    tc = TransportCipher(KEY)
+    with pytest.raises(LocalProtocolError, match="room for the tag"):
+        tc.seal_in_place(1, b"", bytearray(10), 0)
+    with pytest.raises(NonceExhaustedError):
+        tc.seal_in_place(MAX_PN + 1, b"", bytearray(TAG_LEN), 0)

@@ -53,7 +53,8 @@ class Net:
     def step(self) -> int:
         moved = 0
         for src, ep in list(self.nodes.items()):
-            for data, dst in ep.datagrams_to_send():
+            for sealed, dst in ep.datagrams_to_send():
+                data = bytes(sealed)
                 self.log.append((data, src, dst))
                 moved += 1
                 if self.drop(data, src, dst):
@@ -323,9 +324,9 @@ def test_dialling_an_address_connects_to_whoever_proves_its_identity_there() -> 
     assert a.session_for(c.cell_id) is None
 
 
-def _with_src(frame: bytes, cell_id: bytes) -> bytes:
+def _with_src(frame: bytes | bytearray, cell_id: bytes) -> bytes:
     """`frame` with its header's source CellID (bytes 8-23, docs/wire.md 1) replaced."""
-    return frame[:8] + cell_id + frame[24:]
+    return bytes(frame[:8] + cell_id + frame[24:])
 
 
 def test_a_response_whose_header_names_another_identity_is_refused() -> None:

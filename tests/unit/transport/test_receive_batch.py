@@ -59,7 +59,7 @@ class Pair:
         cell = self.b.cell_id
 
         def take() -> None:
-            out.extend(d for d, _ in self.a.datagrams_to_send())
+            out.extend(bytes(d) for d, _ in self.a.datagrams_to_send())
 
         for i in range(6):
             self.a.send_datagram(cell, bytes([i]) * (1000 + i), NOW)

@@ -40,7 +40,7 @@ def only_frame(ep: Endpoint) -> bytes:
     """The single datagram `ep` has to send right now."""
     out = ep.datagrams_to_send()
     assert len(out) == 1, out
-    return out[0][0]
+    return bytes(out[0][0])
 
 
 def data_frame(a: Endpoint, b: Endpoint, now: float) -> bytes:
