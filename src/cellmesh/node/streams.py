@@ -92,14 +92,8 @@ class Stream:
                 chunk = chunk[:n]
             self.bytes_read += len(chunk)
             return chunk  # its flow credit was returned when it was first read
-        while not self._chunks:
-            if self._eof:
-                self._node._stream_eof(self)
-                return b""
-            if self._error is not None:
-                raise self._error
-            self._readable.clear()
-            await self._readable.wait()
+        if not await self._wait_readable():
+            return b""
         chunks = self._chunks
         first = chunks.popleft()
         if len(first) > n:
@@ -120,6 +114,47 @@ class Stream:
         self.bytes_read += len(chunk)
         self._node._stream_consumed(self, len(chunk))
         return chunk
+
+    async def read_chunks(self, n: int = 1 << 20) -> list[bytes | memoryview]:
+        """What has arrived, up to `n` bytes, as the pieces it arrived in, without copying:
+        a large packet's data is a read-only view of that decrypted packet (which it keeps in
+        memory while referenced). An empty list once the peer has finished the stream.
+
+        For bulk consumers that hash or write what they read: `read` joins the pieces into
+        one bytes object, a copy of every byte; this hands them over as they are."""
+        if n < 1:
+            raise ValueError(f"read_chunks needs n >= 1, got {n}")  # ([] means the end)
+        if self._unread:
+            return [await self.read(n)]
+        if not await self._wait_readable():
+            return []
+        chunks = self._chunks
+        out: list[bytes | memoryview] = []
+        size = 0
+        while chunks and size < n:
+            piece = chunks.popleft()
+            if size + len(piece) > n:
+                view = memoryview(piece)  # (a view of a view is still the same packet)
+                chunks.appendleft(view[n - size :])
+                piece = view[: n - size]
+            out.append(piece)
+            size += len(piece)
+        self.bytes_read += size
+        self._node._stream_consumed(self, size)
+        return out
+
+    async def _wait_readable(self) -> bool:
+        """Wait until unread pieces are buffered (True) or the stream ended (False); raises
+        the stream's error if it failed."""
+        while not self._chunks:
+            if self._eof:
+                self._node._stream_eof(self)
+                return False
+            if self._error is not None:
+                raise self._error
+            self._readable.clear()
+            await self._readable.wait()
+        return True
 
     async def read_all(self, limit: int = 64 * 1024 * 1024) -> bytes:
         """Everything until the peer finishes the stream (at most `limit` bytes)."""

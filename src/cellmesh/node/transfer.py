@@ -75,7 +75,7 @@ import shutil
 import stat
 import time
 from collections import deque
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Final, Literal, TypeVar
@@ -100,6 +100,10 @@ CHUNK: Final = 256 * 1024
 """Bytes per file read on the sending side and per stream read on the receiving side."""
 WRITE_BATCH: Final = 1024 * 1024
 """Received bytes gathered before one write+hash in a worker thread (amortises the thread hop)."""
+_HASH_JOIN_BELOW: Final = 16 * 1024
+"""Received pieces shorter than this are hashed joined (see `_hash_pieces`)."""
+_WRITEV_MAX: Final = 512
+"""Pieces per `writev` (well under every system's IOV_MAX, 1024 on Linux)."""
 HASH_STEP: Final = 4 * 1024 * 1024
 """Bytes hashed per worker-thread call in the sender's first pass (one progress step)."""
 REFUSE_LINGER: Final = 5.0
@@ -285,6 +289,13 @@ class _BufferedStream:
             return out
         return await self.stream.read(n)
 
+    async def read_chunks(self, n: int = CHUNK) -> list[bytes | memoryview]:
+        """Up to `n` bytes as the pieces they arrived in (`Stream.read_chunks`); [] at the end."""
+        if self._pending:
+            out, self._pending = self._pending[:n], self._pending[n:]
+            return [out]
+        return await self.stream.read_chunks(n)
+
     async def read_line(self, limit: int) -> bytes:
         """One line without its newline; HeaderError if longer than `limit` or cut short."""
         buf = bytearray(self._pending)
@@ -430,12 +441,35 @@ def _hash_some(fd: int, hasher: Any, limit: int) -> int:
     return done
 
 
-def _write_and_hash(fd: int, hasher: Any, data: bytes) -> None:
-    hasher.update(data)
-    view = memoryview(data)
-    while view:
-        n = os.write(fd, view)
-        view = view[n:]
+def _hash_pieces(hasher: Any, pieces: Sequence[bytes | memoryview]) -> None:
+    """`hasher.update` with each piece in turn, except that runs of small pieces are joined
+    first: BLAKE3 hashes a long input several 1 KiB chunks at a time (SIMD), and 1,100-byte
+    pieces one by one hash 4-5x slower per byte than the same bytes joined."""
+    run: list[bytes | memoryview] = []
+    for piece in pieces:
+        if len(piece) < _HASH_JOIN_BELOW:
+            run.append(piece)
+            continue
+        if run:
+            hasher.update(b"".join(run))
+            run = []
+        hasher.update(piece)
+    if run:
+        hasher.update(b"".join(run))
+
+
+def _write_and_hash(fd: int, hasher: Any, pieces: Sequence[bytes | memoryview]) -> None:
+    """Hash `pieces` and append them to `fd` (gathered writes: the pieces are never joined)."""
+    _hash_pieces(hasher, pieces)
+    views = [memoryview(p) for p in pieces]
+    i = 0
+    while i < len(views):
+        n = os.writev(fd, views[i : i + _WRITEV_MAX])
+        while i < len(views) and n >= len(views[i]):
+            n -= len(views[i])  # written whole
+            i += 1
+        if n:
+            views[i] = views[i][n:]  # a short write ended inside this one
 
 
 async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
@@ -835,7 +869,8 @@ class TransferService:
     ) -> str | Path:
         """Receive the payload into `fd`; the installed path, or why the file was refused."""
         hasher = blake3.blake3()
-        batch = bytearray()
+        batch: list[bytes | memoryview] = []
+        batched = 0
         received = 0
         try:
             while True:
@@ -843,21 +878,24 @@ class TransferService:
                     # A sender that goes quiet but keeps its session alive must not hold a
                     # concurrency slot (and a partial file) forever.
                     async with asyncio.timeout(self.stall_timeout):
-                        chunk = await buf.read(CHUNK)
+                        pieces = await buf.read_chunks(CHUNK)
                 except TimeoutError:
                     return f"no data for {self.stall_timeout:g} s"
-                if not chunk:
+                if not pieces:
                     break
-                received += len(chunk)
+                size = sum(map(len, pieces))
+                received += size
                 if received > header.size:
                     return f"more bytes than the {header.size} announced"
-                batch += chunk
-                if len(batch) >= WRITE_BATCH:
-                    await _in_thread(_write_and_hash, fd, hasher, bytes(batch))
-                    batch.clear()
+                # The pieces (views of received packets) go to the file as they are: no copy.
+                batch += pieces
+                batched += size
+                if batched >= WRITE_BATCH:
+                    await _in_thread(_write_and_hash, fd, hasher, batch)
+                    batch, batched = [], 0
                 info.done = received
             if batch:
-                await _in_thread(_write_and_hash, fd, hasher, bytes(batch))
+                await _in_thread(_write_and_hash, fd, hasher, batch)
             info.done = received
             if received != header.size:
                 return f"the stream ended after {received} of {header.size} announced bytes"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import os
 import tempfile
@@ -588,3 +589,52 @@ def test_stop_cancels_a_waiting_recv(tmp_path: Path, short_tmp: Path) -> None:
                 path.unlink()
 
     run(go())
+
+
+# --------------------------------------------------------------------------- gathered writes
+
+
+def test_write_and_hash_survives_short_writes_and_more_pieces_than_one_writev(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The receiver writes the pieces it read (views of packets) with `writev`: a write that
+    stops inside a piece, and a batch of more pieces than one call takes, still put every byte
+    in the file once, in order, and the hash covers the same bytes."""
+    from cellmesh.node import transfer
+
+    data = os.urandom(300_000)
+    cuts = sorted(
+        {0, len(data), *(int.from_bytes(os.urandom(3), "big") % len(data) for _ in range(1500))}
+    )
+    pieces: list[bytes | memoryview] = [
+        memoryview(data)[a:b] if i % 2 else data[a:b]
+        for i, (a, b) in enumerate(itertools.pairwise(cuts))
+    ]
+    assert len(pieces) > 1000  # more than two writev calls' worth
+    real_writev = os.writev
+    calls: list[int] = []
+
+    def short_writev(fd: int, bufs: list[memoryview]) -> int:
+        calls.append(len(bufs))
+        assert len(bufs) <= 512
+        budget = 777  # never more than this per call: most calls end inside a piece
+        out: list[memoryview] = []
+        for b in bufs:
+            take = memoryview(b)[:budget]
+            out.append(take)
+            budget -= len(take)
+            if not budget:
+                break
+        return real_writev(fd, out)
+
+    monkeypatch.setattr(os, "writev", short_writev)  # (the module calls os.writev)
+    path = tmp_path / "out"
+    fd = os.open(path, os.O_WRONLY | os.O_CREAT, 0o600)
+    try:
+        hasher = blake3.blake3()
+        transfer._write_and_hash(fd, hasher, pieces)
+    finally:
+        os.close(fd)
+    assert path.read_bytes() == data
+    assert hasher.hexdigest() == blake3.blake3(data).hexdigest()
+    assert len(calls) > len(pieces) // 512
