@@ -34,7 +34,14 @@ from cellmesh.errors import LocalProtocolError, RemoteProtocolError
 from cellmesh.transport.congestion import RateSample, make_controller
 from cellmesh.transport.ranges import RangeSet
 from cellmesh.transport.rtt import RttEstimator
-from cellmesh.transport.stream import RecvStream, SendStream, grown_window
+from cellmesh.transport.stream import (
+    CHUNK_BYTES_PER_PIECE,
+    MAX_CHUNKS,
+    PieceBudget,
+    RecvStream,
+    SendStream,
+    grown_window,
+)
 from cellmesh.wire.messages import (
     Ack,
     AppData,
@@ -192,6 +199,10 @@ class Connection:
         self._sent_new = 0
         self._local_max_data = params.connection_window
         self._conn_window = params.connection_window  # grows like a stream window does
+        # Out-of-order pieces all streams together may hold: one per KiB of the connection
+        # window (as for one stream and its window), at least MAX_CHUNKS. An honest sender's
+        # frames carry at least ~1,100 bytes, so a window's worth of them behind a loss fits.
+        self._pieces = PieceBudget(self._piece_limit())
         self._conn_window_max = max(params.connection_window, params.connection_window_max)
         self._conn_last_update: float | None = None
         self._learned_window = params.stream_window  # the largest stream window grown to
@@ -262,7 +273,9 @@ class Connection:
 
     def _create(self, sid: int) -> None:
         self._send[sid] = SendStream(sid, self.params.stream_window)
-        r = RecvStream(sid, self.params.stream_window, self.params.stream_window_max)
+        r = RecvStream(
+            sid, self.params.stream_window, self.params.stream_window_max, self._pieces
+        )
         self._recv[sid] = r
         if self._learned_window > r.window:
             # A stream starts with the window earlier streams of this peer grew to (a transfer
@@ -320,6 +333,7 @@ class Connection:
         if r is None or r.reset_code is not None:
             return
         r.reset_code = code
+        r.drop_pieces()  # never to be read
         self._stop_pending[sid] = code
         # Nobody will read this stream again: return the credit of what arrived but was not read.
         unread = r.delivered - r.consumed
@@ -356,6 +370,7 @@ class Connection:
                 floor = min(self._conn_window_max, r.window * 3 // 2)
                 if floor > self._conn_window:
                     self._conn_window = floor
+                    self._pieces.limit = self._piece_limit()
             self._maybe_forget(sid)
         self._consumed_total += n
         window = self._conn_window
@@ -365,6 +380,7 @@ class Connection:
                     window, self._conn_window_max, self._conn_last_update, now, rtt
                 )
                 self._conn_window = window
+                self._pieces.limit = self._piece_limit()
                 self._conn_last_update = now
             self._local_max_data = self._consumed_total + window
             self._max_data_pending = True
@@ -587,6 +603,7 @@ class Connection:
         if unread > 0:
             self.consumed(-1, unread)
         r.reset_code = m.code
+        r.drop_pieces()  # never to be delivered
         self.events.append(("reset", m.stream_id, m.code, True))
         # Stop sending on our half too: the peer has gone away from this stream.
         s = self._send.get(m.stream_id)
@@ -594,12 +611,16 @@ class Connection:
             s.reset_code = m.code
         self._maybe_forget(m.stream_id)
 
+    def _piece_limit(self) -> int:
+        return max(MAX_CHUNKS, self._conn_window // CHUNK_BYTES_PER_PIECE)
+
     def _maybe_forget(self, sid: int) -> None:
         s = self._send.get(sid)
         r = self._recv.get(sid)
         if s is not None and r is not None and s.done and r.done:
             del self._send[sid]
             del self._recv[sid]
+            r.drop_pieces()
             self._blocked.discard(sid)
 
     # ------------------------------------------------------------------ acknowledgements

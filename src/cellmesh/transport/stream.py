@@ -261,10 +261,24 @@ class SendStream:
         return self.reset_code is not None or (self.fin_acked and self.base == self.write_offset)
 
 
+class PieceBudget:
+    """The out-of-order pieces all receiving streams of one connection hold, and how many they
+    may hold. Each stream bounds its own pieces, but a peer with many streams could otherwise
+    slice each into scattered 1-byte pieces: 1,024 streams x 8,192 pieces fit in a 16 MiB
+    connection window, ~0.8 GB of bookkeeping."""
+
+    __slots__ = ("held", "limit")
+
+    def __init__(self, limit: int) -> None:
+        self.held = 0
+        self.limit = limit
+
+
 class RecvStream:
     """The receiving half of one stream."""
 
     __slots__ = (
+        "_budget",
         "_buffered",
         "_chunks",
         "_last_update",
@@ -281,8 +295,16 @@ class RecvStream:
         "window",
     )
 
-    def __init__(self, stream_id: int, window: int, max_window: int = 0) -> None:
+    def __init__(
+        self,
+        stream_id: int,
+        window: int,
+        max_window: int = 0,
+        budget: PieceBudget | None = None,
+    ) -> None:
         self.stream_id = stream_id
+        # (shared by the connection's streams; a stream on its own has only its own limit)
+        self._budget = budget if budget is not None else PieceBudget(1 << 62)
         self.window = window
         self.max_window = max(window, max_window)  # auto-tuning stops here
         self._last_update: float | None = None  # when the last window update was made
@@ -345,6 +367,13 @@ class RecvStream:
                         f"stream {self.stream_id}: more than {limit} out-of-order pieces",
                         FLOW_CONTROL_ERROR,
                     )
+                budget = self._budget
+                if budget.held >= budget.limit:
+                    raise RemoteProtocolError(
+                        f"the peer's streams hold more than {budget.limit} out-of-order pieces",
+                        FLOW_CONTROL_ERROR,
+                    )
+                budget.held += 1
                 self._chunks[pos] = data[pos - offset : stop - offset]
                 insort(self._offsets, pos)
                 self._buffered.add(pos, stop)
@@ -356,6 +385,7 @@ class RecvStream:
                 break
             chunk = self._chunks.pop(first)
             del self._offsets[0]
+            self._budget.held -= 1
             chunk_end = first + len(chunk)
             if chunk_end > self.delivered:
                 out += chunk[self.delivered - first :]
@@ -369,6 +399,19 @@ class RecvStream:
             return False
         self.fin_delivered = True
         return True
+
+    @property
+    def pieces(self) -> int:
+        """Out-of-order pieces held."""
+        return len(self._chunks)
+
+    def drop_pieces(self) -> None:
+        """Let go of every out-of-order piece: the stream was reset or is being forgotten, so
+        they will never be delivered (and no longer count against the connection's budget)."""
+        self._budget.held -= len(self._chunks)
+        self._chunks.clear()
+        self._offsets.clear()
+        self._buffered = RangeSet(limit=1 << 20)
 
     @property
     def buffered_out_of_order(self) -> int:

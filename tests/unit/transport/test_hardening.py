@@ -5,6 +5,7 @@ from __future__ import annotations
 import random
 
 import pytest
+from test_endpoint import connected_pair
 
 from cellmesh.config import NodeConfig
 from cellmesh.errors import LocalProtocolError, MalformedError, RemoteProtocolError
@@ -15,7 +16,9 @@ from cellmesh.transport.stream import CHUNK_BYTES_PER_PIECE, MAX_CHUNKS, RecvStr
 from cellmesh.wire.header import HEADER_LEN, FrameType, pull_header
 from cellmesh.wire.messages import (
     HandshakePattern,
+    Message,
     Ping,
+    ResetStream,
     StreamFrame,
     pull_extensions,
     pull_messages,
@@ -82,6 +85,92 @@ def test_a_grown_window_behind_one_lost_packet_holds_every_honest_frame() -> Non
         s.on_frame(2 + 2 * i, b"x", False)
     with pytest.raises(RemoteProtocolError, match="out-of-order pieces"):
         s.on_frame(2 + 2 * pieces, b"x", False)
+
+
+def _scatter(c: Connection, sid: int, pieces: int, pn: int) -> int:
+    """Send `pieces` scattered 1-byte pieces of stream `sid` (one byte every other byte, so
+    nothing is deliverable), 1,000 frames per packet; returns the next packet number."""
+    for start in range(0, pieces, 1000):
+        frames: list[Message] = [
+            StreamFrame(sid, 2 + 2 * i, b"x") for i in range(start, min(pieces, start + 1000))
+        ]
+        c.on_packet(pn, frames, 0.0)
+        pn += 1
+    return pn
+
+
+def test_many_streams_sliced_into_scattered_pieces_exhaust_the_connections_budget() -> None:
+    """Each stream stays under its own piece limit, but together they may not hold more than
+    one piece per KiB of the connection window (16 MiB: 16,384 pieces): without that, 1,024
+    streams of 8,192 pieces would cost ~1.5 GB of bookkeeping."""
+    c = Connection(TransportParams(), False, 0.0)  # the peer opens even stream ids
+    limit = (16 << 20) // CHUNK_BYTES_PER_PIECE
+    pn = _scatter(c, 0, 8000, 0)
+    pn = _scatter(c, 2, 8000, pn)
+    pn = _scatter(c, 4, limit - 16_000, pn)  # exactly at the budget: still accepted
+    with pytest.raises(RemoteProtocolError, match="streams hold more than 16384 out-of-order"):
+        c.on_packet(pn, [StreamFrame(6, 2, b"x")], 0.0)
+
+
+def test_a_reset_stream_gives_its_pieces_back_to_the_budget() -> None:
+    c = Connection(TransportParams(), False, 0.0)
+    limit = (16 << 20) // CHUNK_BYTES_PER_PIECE
+    pn = _scatter(c, 0, 8000, 0)
+    pn = _scatter(c, 2, 8000, pn)
+    c.on_packet(pn, [ResetStream(0, 7, 2 + 2 * 8000)], 0.0)  # the peer gives stream 0 up
+    pn = _scatter(c, 4, 8000, pn + 1)  # its 8,000 pieces are free again
+    pn = _scatter(c, 6, limit - 16_000, pn)
+    assert c._pieces.held == limit
+    c.stop_sending(2, 9)  # and we give stream 2 up: so are its
+    pn = _scatter(c, 8, 8000, pn)
+    assert c._pieces.held == limit
+    with pytest.raises(RemoteProtocolError, match="out-of-order pieces"):
+        c.on_packet(pn, [StreamFrame(10, 2, b"x")], 0.0)
+
+
+def test_honest_reordering_on_several_streams_fits_the_budget() -> None:
+    """Two streams with grown 16 MiB windows, each behind one lost packet: the connection
+    window (64 MiB once grown) holds both windows' worth of full frames as pieces."""
+    params = TransportParams(stream_window=16 << 20, connection_window=64 << 20)
+    c = Connection(params, False, 0.0)
+    frame = 1104  # a full frame at the 1200-byte path MTU
+    n = ((16 << 20) - frame) // frame
+    pn = 0
+    for sid in (0, 2):
+        for start in range(1, n + 1, 50):
+            frames: list[Message] = [
+                StreamFrame(sid, i * frame, bytes(frame))
+                for i in range(start, min(n + 1, start + 50))
+            ]
+            c.on_packet(pn, frames, 0.0)
+            pn += 1
+    assert c._pieces.held == 2 * n
+    for sid in (0, 2):
+        c.on_packet(pn, [StreamFrame(sid, 0, bytes(frame))], 0.0)  # the retransmissions
+        pn += 1
+    assert c._pieces.held == 0
+
+
+def test_a_peer_slicing_many_streams_into_scattered_pieces_loses_its_session() -> None:
+    """End to end: sealed, authenticated packets whose streams each stay under their own piece
+    limit but together pass the connection's budget (16,384 pieces for a 16 MiB window) end
+    the peer's session as a counted protocol violation; the receiver does not raise."""
+    net, a, aa, b, _ba = connected_pair()
+    s = a.session_for(b.cell_id)
+    conn = a.connection(b.cell_id)
+    assert s is not None
+    assert conn is not None
+    sids = [a.open_stream(b.cell_id) for _ in range(3)]
+    plan = [(sids[0], 8000), (sids[1], 8000), (sids[2], 385)]
+    frames = [push_message(StreamFrame(sid, 2 + 2 * i, b"x")) for sid, n in plan for i in range(n)]
+    for k in range(0, len(frames), 80):  # ~80 one-byte records fill a 1200-byte packet
+        pn = s.send_counter
+        b.receive_datagram(s.seal(b"".join(frames[k : k + 80]), net.now), aa, net.now)
+        conn.note_untracked(pn)
+        if b.session_for(a.cell_id) is None:
+            break
+    assert b.statistics().drops["protocol_violation"] == 1
+    assert b.session_for(a.cell_id) is None
 
 
 def test_stop_sending_returns_unread_credit_to_the_connection() -> None:
