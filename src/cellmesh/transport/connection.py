@@ -273,9 +273,7 @@ class Connection:
 
     def _create(self, sid: int) -> None:
         self._send[sid] = SendStream(sid, self.params.stream_window)
-        r = RecvStream(
-            sid, self.params.stream_window, self.params.stream_window_max, self._pieces
-        )
+        r = RecvStream(sid, self.params.stream_window, self.params.stream_window_max, self._pieces)
         self._recv[sid] = r
         if self._learned_window > r.window:
             # A stream starts with the window earlier streams of this peer grew to (a transfer
