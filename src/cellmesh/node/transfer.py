@@ -101,9 +101,19 @@ CHUNK: Final = 256 * 1024
 WRITE_BATCH: Final = 1024 * 1024
 """Received bytes gathered before one write+hash in a worker thread (amortises the thread hop)."""
 _HASH_JOIN_BELOW: Final = 16 * 1024
-"""Received pieces shorter than this are hashed joined (see `_hash_pieces`)."""
-_WRITEV_MAX: Final = 512
-"""Pieces per `writev` (well under every system's IOV_MAX, 1024 on Linux)."""
+"""Received pieces shorter than this are hashed joined (see `hash_pieces`)."""
+
+
+def _iov_max() -> int:
+    try:
+        limit = os.sysconf("SC_IOV_MAX")
+    except (ValueError, OSError):
+        limit = -1
+    return min(512, limit) if limit > 0 else 16  # (16: the POSIX minimum)
+
+
+_WRITEV_MAX: Final = _iov_max()
+"""Pieces per `writev`: the system's IOV_MAX (1024 on Linux), at most 512."""
 HASH_STEP: Final = 4 * 1024 * 1024
 """Bytes hashed per worker-thread call in the sender's first pass (one progress step)."""
 REFUSE_LINGER: Final = 5.0
@@ -441,7 +451,7 @@ def _hash_some(fd: int, hasher: Any, limit: int) -> int:
     return done
 
 
-def _hash_pieces(hasher: Any, pieces: Sequence[bytes | memoryview]) -> None:
+def hash_pieces(hasher: Any, pieces: Sequence[bytes | memoryview]) -> None:
     """`hasher.update` with each piece in turn, except that runs of small pieces are joined
     first: BLAKE3 hashes a long input several 1 KiB chunks at a time (SIMD), and 1,100-byte
     pieces one by one hash 4-5x slower per byte than the same bytes joined."""
@@ -460,16 +470,16 @@ def _hash_pieces(hasher: Any, pieces: Sequence[bytes | memoryview]) -> None:
 
 def _write_and_hash(fd: int, hasher: Any, pieces: Sequence[bytes | memoryview]) -> None:
     """Hash `pieces` and append them to `fd` (gathered writes: the pieces are never joined)."""
-    _hash_pieces(hasher, pieces)
-    views = [memoryview(p) for p in pieces]
+    hash_pieces(hasher, pieces)
+    todo = list(pieces)
     i = 0
-    while i < len(views):
-        n = os.writev(fd, views[i : i + _WRITEV_MAX])
-        while i < len(views) and n >= len(views[i]):
-            n -= len(views[i])  # written whole
+    while i < len(todo):
+        n = os.writev(fd, todo[i : i + _WRITEV_MAX])
+        while i < len(todo) and n >= len(todo[i]):
+            n -= len(todo[i])  # written whole
             i += 1
         if n:
-            views[i] = views[i][n:]  # a short write ended inside this one
+            todo[i] = memoryview(todo[i])[n:]  # a short write ended inside this one
 
 
 async def _in_thread(fn: Callable[..., T], *args: Any) -> T:
@@ -887,8 +897,9 @@ class TransferService:
                 received += size
                 if received > header.size:
                     return f"more bytes than the {header.size} announced"
-                # The pieces (views of received packets) go to the file as they are: no copy.
-                batch += pieces
+                # Large pieces (views of received packets) go to the file as they are: no copy.
+                # Small ones are joined here, so a batch never holds a million tiny objects.
+                batch += pieces if size >= len(pieces) * _HASH_JOIN_BELOW else [b"".join(pieces)]
                 batched += size
                 if batched >= WRITE_BATCH:
                     await _in_thread(_write_and_hash, fd, hasher, batch)

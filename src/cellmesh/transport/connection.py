@@ -200,8 +200,8 @@ class Connection:
         self._local_max_data = params.connection_window
         self._conn_window = params.connection_window  # grows like a stream window does
         # Out-of-order pieces all streams together may hold: one per KiB of the connection
-        # window (as for one stream and its window), at least MAX_CHUNKS. An honest sender's
-        # frames carry at least ~1,100 bytes, so a window's worth of them behind a loss fits.
+        # window (as for one stream and its window), at least MAX_CHUNKS. Contiguous arrivals
+        # merge into one piece, so an honest sender needs one per gap (per lost packet).
         self._pieces = PieceBudget(self._piece_limit())
         self._conn_window_max = max(params.connection_window, params.connection_window_max)
         self._conn_last_update: float | None = None
@@ -333,9 +333,11 @@ class Connection:
         r.reset_code = code
         r.drop_pieces()  # never to be read
         self._stop_pending[sid] = code
-        # Nobody will read this stream again: return the credit of what arrived but was not read.
-        unread = r.delivered - r.consumed
-        r.consumed = r.delivered
+        # Nobody will read this stream again: return the credit of everything that arrived but
+        # was not read, out-of-order bytes (and the holes between them, which the connection
+        # counted too) included.
+        unread = r.highest - r.consumed
+        r.consumed = r.delivered = r.highest
         if unread > 0:
             self.consumed(-1, unread)
 
@@ -580,7 +582,19 @@ class Connection:
 
     def _on_reset(self, m: ResetStream) -> None:
         r = self._stream_for_peer_frame(m.stream_id)
-        if r is None or r.reset_code is not None:
+        if r is None:
+            return
+        if r.reset_code is not None:
+            # Already reset (we stopped reading, or a repeat): what the peer sent past the
+            # highest byte we saw was used credit too; it was lost in flight and will never be
+            # resent, so count it received and let it go, or the connection window shrinks.
+            if r.highest < m.final_size <= r.max_data:
+                grown = m.final_size - r.highest
+                r.highest = r.consumed = r.delivered = m.final_size
+                self._recv_total += grown
+                if self._recv_total > self._local_max_data:
+                    raise RemoteProtocolError("peer exceeded the connection flow-control limit", 3)
+                self.consumed(-1, grown)
             return
         if r.final_size is not None and r.final_size != m.final_size:
             raise RemoteProtocolError("RESET_STREAM final size differs", 4)

@@ -11,18 +11,19 @@ instead of growing memory.
 
 from __future__ import annotations
 
-from bisect import bisect_right, insort
+from bisect import bisect_left, bisect_right, insort
 
 from cellmesh.errors import LocalProtocolError, RemoteProtocolError
 from cellmesh.transport.ranges import RangeSet
 
 FLOW_CONTROL_ERROR = 3
 FINAL_SIZE_ERROR = 4
-# Out-of-order pieces one stream may hold. A 4 MiB window of 1120-byte frames needs ~3,800; a peer
-# that slices data into tiny, scattered pieces to burn our CPU and memory is refused.
+# Out-of-order pieces one stream may hold. Contiguous arrivals merge into one piece, so an honest
+# sender needs one per gap, i.e. per lost packet still missing; a peer that slices data into tiny,
+# scattered pieces to burn our CPU and memory is refused.
 MAX_CHUNKS = 8192
-# A grown window allows one piece per this many bytes of it (an honest sender's frames carry at
-# least ~1,100 bytes at the 1200-byte floor): a 16 MiB window behind one lost packet holds ~15,000.
+# A grown window allows one piece per this many bytes of it: even with every other 1,100-byte
+# packet lost, a 16 MiB window's gaps fit.
 CHUNK_BYTES_PER_PIECE = 1024
 # Receive-window auto-tuning (as Chromium's QUIC flow controller does): when the application reads
 # so fast that window updates go out less than WINDOW_GROWTH_RTTS round trips apart, the window,
@@ -315,7 +316,9 @@ class RecvStream:
         self.final_size: int | None = None
         self.fin_delivered = False
         self.reset_code: int | None = None
-        self._chunks: dict[int, bytes | memoryview] = {}
+        # Out-of-order pieces by start offset. Contiguous arrivals merge into one piece (a
+        # bytearray), so an honest sender needs one piece per gap, whatever its frame sizes.
+        self._chunks: dict[int, bytes | memoryview | bytearray] = {}
         self._offsets: list[int] = []
         self._buffered = RangeSet(limit=1 << 20)  # what the chunks cover: they never overlap
 
@@ -361,22 +364,22 @@ class RecvStream:
                     break
                 nxt = self._buffered.next_start_after(pos)
                 stop = end if nxt is None else min(end, nxt)
-                limit = max(MAX_CHUNKS, self.window // CHUNK_BYTES_PER_PIECE)
-                if len(self._chunks) >= limit:
-                    raise RemoteProtocolError(
-                        f"stream {self.stream_id}: more than {limit} out-of-order pieces",
-                        FLOW_CONTROL_ERROR,
-                    )
-                budget = self._budget
-                if budget.held >= budget.limit:
-                    raise RemoteProtocolError(
-                        f"the peer's streams hold more than {budget.limit} out-of-order pieces",
-                        FLOW_CONTROL_ERROR,
-                    )
-                budget.held += 1
-                self._chunks[pos] = data[pos - offset : stop - offset]
-                insort(self._offsets, pos)
+                piece = data[pos - offset : stop - offset]
+                if stop - pos < len(data) and type(piece) is memoryview:
+                    # Part of a frame (the rest overlapped what is buffered): a view would keep
+                    # its whole packet alive, up to 64 KB for one byte.
+                    piece = bytes(piece)
+                start = self._piece_ending_at(pos)
+                if start is None:
+                    self._new_piece(pos, piece)
+                    start = pos
+                else:
+                    self._extend_piece(start, piece)
                 self._buffered.add(pos, stop)
+                if stop in self._chunks:  # the gap before the next piece is filled: join them
+                    self._extend_piece(start, self._chunks.pop(stop))
+                    del self._offsets[bisect_left(self._offsets, stop)]
+                    self._budget.held -= 1
                 pos = stop
         out = bytearray()
         while self._offsets:
@@ -392,6 +395,40 @@ class RecvStream:
                 self.delivered = chunk_end
         self._buffered.remove_below(self.delivered)
         return bytes(out), self._fin_now()
+
+    def _piece_ending_at(self, pos: int) -> int | None:
+        """The start of the buffered piece that ends exactly at `pos`, if there is one."""
+        i = bisect_left(self._offsets, pos)
+        if i:
+            start = self._offsets[i - 1]
+            if start + len(self._chunks[start]) == pos:
+                return start
+        return None
+
+    def _new_piece(self, pos: int, piece: bytes | memoryview) -> None:
+        limit = max(MAX_CHUNKS, self.window // CHUNK_BYTES_PER_PIECE)
+        if len(self._chunks) >= limit:
+            raise RemoteProtocolError(
+                f"stream {self.stream_id}: more than {limit} out-of-order pieces",
+                FLOW_CONTROL_ERROR,
+            )
+        budget = self._budget
+        if budget.held >= budget.limit:
+            raise RemoteProtocolError(
+                f"the peer's streams hold more than {budget.limit} out-of-order pieces",
+                FLOW_CONTROL_ERROR,
+            )
+        budget.held += 1
+        self._chunks[pos] = piece
+        insort(self._offsets, pos)
+
+    def _extend_piece(self, start: int, more: bytes | memoryview | bytearray) -> None:
+        """Append `more` to the piece at `start` (copied once into a growing bytearray:
+        amortised linear, and memory stays proportional to the bytes)."""
+        piece = self._chunks[start]
+        if type(piece) is not bytearray:
+            piece = self._chunks[start] = bytearray(piece)
+        piece += more
 
     def _fin_now(self) -> bool:
         """Whether everything up to the final size has just been delivered (true once)."""

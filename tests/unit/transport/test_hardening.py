@@ -102,7 +102,7 @@ def _scatter(c: Connection, sid: int, pieces: int, pn: int) -> int:
 def test_many_streams_sliced_into_scattered_pieces_exhaust_the_connections_budget() -> None:
     """Each stream stays under its own piece limit, but together they may not hold more than
     one piece per KiB of the connection window (16 MiB: 16,384 pieces): without that, 1,024
-    streams of 8,192 pieces would cost ~1.5 GB of bookkeeping."""
+    streams of 8,192 pieces would cost ~0.8 GB of bookkeeping."""
     c = Connection(TransportParams(), False, 0.0)  # the peer opens even stream ids
     limit = (16 << 20) // CHUNK_BYTES_PER_PIECE
     pn = _scatter(c, 0, 8000, 0)
@@ -129,8 +129,8 @@ def test_a_reset_stream_gives_its_pieces_back_to_the_budget() -> None:
 
 
 def test_honest_reordering_on_several_streams_fits_the_budget() -> None:
-    """Two streams with grown 16 MiB windows, each behind one lost packet: the connection
-    window (64 MiB once grown) holds both windows' worth of full frames as pieces."""
+    """Two streams with grown 16 MiB windows, each behind one lost packet: contiguous frames
+    merge into one piece per gap, so both windows' worth of full frames are one piece each."""
     params = TransportParams(stream_window=16 << 20, connection_window=64 << 20)
     c = Connection(params, False, 0.0)
     frame = 1104  # a full frame at the 1200-byte path MTU
@@ -139,15 +139,65 @@ def test_honest_reordering_on_several_streams_fits_the_budget() -> None:
     for sid in (0, 2):
         for start in range(1, n + 1, 50):
             frames: list[Message] = [
-                StreamFrame(sid, i * frame, bytes(frame))
+                StreamFrame(sid, i * frame, bytes([i & 0xFF]) * frame)
                 for i in range(start, min(n + 1, start + 50))
             ]
             c.on_packet(pn, frames, 0.0)
             pn += 1
-    assert c._pieces.held == 2 * n
+    assert c._pieces.held == 2
     for sid in (0, 2):
         c.on_packet(pn, [StreamFrame(sid, 0, bytes(frame))], 0.0)  # the retransmissions
         pn += 1
+    assert c._pieces.held == 0
+    delivered = [e[2] for e in c.events if e[0] == "data" and e[1] == 0]
+    assert b"".join(delivered) == bytes(frame) + b"".join(
+        bytes([i & 0xFF]) * frame for i in range(1, n + 1)
+    )
+
+
+def test_small_frames_behind_a_loss_on_three_streams_fit_the_budget() -> None:
+    """Three streams each lose their first frame, then 5,500 contiguous 100-byte frames each
+    arrive: 16,500 frames, but three gaps, so three pieces (counting frames, the budget of
+    16,384 would have ended an honest session)."""
+    c = Connection(TransportParams(), False, 0.0)
+    pn = 0
+    for sid in (0, 2, 4):
+        for start in range(1, 5501, 500):
+            frames: list[Message] = [
+                StreamFrame(sid, 100 * i, bytes(100)) for i in range(start, min(5501, start + 500))
+            ]
+            c.on_packet(pn, frames, 0.0)
+            pn += 1
+    assert c._pieces.held == 3
+
+
+def test_a_partly_overlapping_frame_does_not_keep_its_packet_alive() -> None:
+    """A frame whose data is a view of a large packet and mostly overlaps what is buffered:
+    the new part is copied, so one new byte does not pin the whole packet."""
+    r = RecvStream(1, 4 << 20)
+    r.on_frame(10, b"a" * 1000, False)  # buffered: 10..1010
+    packet = bytes(65_000)
+    r.on_frame(11, memoryview(packet)[:1000], False)  # new: 1010..1011 only
+    pieces = list(r._chunks.values())
+    assert len(pieces) == 1  # (merged into the piece it continues)
+    assert not any(isinstance(p, memoryview) for p in pieces)
+    s = RecvStream(3, 4 << 20)
+    s.on_frame(100, memoryview(packet)[:5000], False)  # a whole frame may stay a view
+    assert isinstance(s._chunks[100], memoryview)
+    s.on_frame(50, memoryview(packet)[:60], False)  # 50..110: only 50..100 is new
+    assert isinstance(s._chunks[50], (bytes, bytearray))
+
+
+def test_stop_sending_returns_the_credit_of_out_of_order_bytes_and_of_the_reset() -> None:
+    """Bytes received past a gap, and bytes the peer sent before its reset that were lost in
+    flight, were counted against the connection window: stopping must give all of it back."""
+    c = Connection(TransportParams(), False, 0.0)
+    c.on_packet(0, [StreamFrame(0, 1000, bytes(50_000))], 0.0)  # a gap, then 50,000 bytes
+    c.stop_sending(0, 9)
+    assert c._consumed_total == 51_000 == c._recv_total
+    c.on_packet(1, [ResetStream(0, 9, 60_000)], 0.0)  # 9,000 more were lost in flight
+    c.on_packet(2, [StreamFrame(0, 0, bytes(1000))], 0.0)  # the gap's retransmission
+    assert c._recv_total == 60_000 == c._consumed_total
     assert c._pieces.held == 0
 
 
