@@ -18,6 +18,12 @@ if TYPE_CHECKING:
     from cellmesh.node.node import Node
 
 RESET_BY_APPLICATION = 1
+# Pieces shorter than this are gathered into bytearray tails of up to _TAIL_MAX bytes as they
+# arrive. A peer sending tiny frames (one or two bytes each, many per packet) would otherwise
+# make an unread stream hold a Python object per frame: ~20 B of memory per byte of window.
+# Full frames at the 1200-byte path MTU (~1,100 bytes) stay as they are.
+_GATHER_BELOW = 1024
+_TAIL_MAX = 64 * 1024
 
 
 class StreamError(CellmeshError):
@@ -35,7 +41,9 @@ class Stream:
         self._node = node
         self.cell_id = cell_id
         self.stream_id = stream_id
-        self._chunks: deque[bytes | memoryview] = deque()  # (large frames: views of packets)
+        # What arrived and is not read yet: large frames as views of their packets, small ones
+        # gathered into bytearray tails (never handed out: reads turn them into bytes).
+        self._chunks: deque[bytes | memoryview | bytearray] = deque()
         self._unread: deque[bytes] = deque()
         """Bytes already read (and credited to flow control) that were pushed back."""
         self._eof = False
@@ -52,7 +60,15 @@ class Stream:
 
     def _feed(self, data: bytes | memoryview, fin: bool) -> None:
         if data:
-            self._chunks.append(data)
+            chunks = self._chunks
+            if len(data) >= _GATHER_BELOW:
+                chunks.append(data)
+            else:
+                tail = chunks[-1] if chunks else None
+                if type(tail) is bytearray and len(tail) < _TAIL_MAX:
+                    tail += data
+                else:
+                    chunks.append(bytearray(data))
         if fin:
             self._eof = True
         self._readable.set()
@@ -132,7 +148,9 @@ class Stream:
         out: list[bytes | memoryview] = []
         size = 0
         while chunks and size < n:
-            piece = chunks.popleft()
+            got = chunks.popleft()
+            # (a gathered tail is ours, and mutable: it leaves as bytes)
+            piece = bytes(got) if isinstance(got, bytearray) else got
             if size + len(piece) > n:
                 view = memoryview(piece)  # (a view of a view is still the same packet)
                 chunks.appendleft(view[n - size :])
