@@ -1009,25 +1009,17 @@ class Endpoint:
         sent = 0
         out = self._out
         addr = s.addr
+        build, seal, seal_parts = conn.build_packet_parts, s.seal, s.seal_parts
+        # Large packets are copied once into the datagram and encrypted where they lie; for
+        # small ones joining, encrypting and prefixing the header costs ~0.6 us less.
+        in_place = conn.mtu >= SEAL_IN_PLACE_FROM
         # (build_packet returns None exactly when wants_to_send would say no.)
-        if conn.mtu >= SEAL_IN_PLACE_FROM:
-            # Large packets: copied once into the datagram and encrypted where they lie.
-            build_parts, seal_parts = conn.build_packet_parts, s.seal_parts
-            while sent < MAX_BURST:
-                parts = build_parts(s.send_counter, now)
-                if parts is None:
-                    break
-                out.append((seal_parts(parts, now), addr))
-                sent += 1
-        else:
-            # Small ones: joining, encrypting and prefixing the header costs ~0.6 us less.
-            build, seal = conn.build_packet, s.seal
-            while sent < MAX_BURST:
-                plaintext = build(s.send_counter, now)
-                if plaintext is None:
-                    break
-                out.append((seal(plaintext, now), addr))
-                sent += 1
+        while sent < MAX_BURST:
+            parts = build(s.send_counter, now)
+            if parts is None:
+                break
+            out.append((seal_parts(parts, now) if in_place else seal(b"".join(parts), now), addr))
+            sent += 1
         if s.packets_under_key >= self.config.rekey_after_packets:
             self._start_rekey(s, now)
         t = now if sent >= MAX_BURST else conn.get_timer(now)
