@@ -369,19 +369,29 @@ class RecvStream:
                     # Part of a frame (the rest overlapped what is buffered): a view would keep
                     # its whole packet alive, up to 64 KB for one byte.
                     piece = bytes(piece)
+                # Merge with a piece it continues, unless both are large: the budget allows
+                # one piece per KiB, so only small ones need merging, and large ones (64 KB
+                # packets behind a loss) are not copied.
                 start = self._piece_ending_at(pos)
-                if start is None:
+                if start is None or (
+                    len(piece) >= CHUNK_BYTES_PER_PIECE
+                    and len(self._chunks[start]) >= CHUNK_BYTES_PER_PIECE
+                ):
                     self._new_piece(pos, piece)
                     start = pos
                 else:
                     self._extend_piece(start, piece)
                 self._buffered.add(pos, stop)
-                if stop in self._chunks:  # the gap before the next piece is filled: join them
+                after = self._chunks.get(stop)
+                if after is not None and (
+                    len(after) < CHUNK_BYTES_PER_PIECE
+                    or len(self._chunks[start]) < CHUNK_BYTES_PER_PIECE
+                ):  # the gap before the next piece is filled, and one of them is small
                     self._extend_piece(start, self._chunks.pop(stop))
                     del self._offsets[bisect_left(self._offsets, stop)]
                     self._budget.held -= 1
                 pos = stop
-        out = bytearray()
+        parts: list[bytes | memoryview | bytearray] = []
         while self._offsets:
             first = self._offsets[0]
             if first > self.delivered:
@@ -391,10 +401,13 @@ class RecvStream:
             self._budget.held -= 1
             chunk_end = first + len(chunk)
             if chunk_end > self.delivered:
-                out += chunk[self.delivered - first :]
+                parts.append(chunk[self.delivered - first :] if first < self.delivered else chunk)
                 self.delivered = chunk_end
         self._buffered.remove_below(self.delivered)
-        return bytes(out), self._fin_now()
+        one = parts[0] if len(parts) == 1 else None
+        if isinstance(one, (bytes, memoryview)):
+            return one, self._fin_now()  # (one piece: handed on as it is, no copy)
+        return b"".join(parts), self._fin_now()
 
     def _piece_ending_at(self, pos: int) -> int | None:
         """The start of the buffered piece that ends exactly at `pos`, if there is one."""

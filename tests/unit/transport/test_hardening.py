@@ -129,8 +129,9 @@ def test_a_reset_stream_gives_its_pieces_back_to_the_budget() -> None:
 
 
 def test_honest_reordering_on_several_streams_fits_the_budget() -> None:
-    """Two streams with grown 16 MiB windows, each behind one lost packet: contiguous frames
-    merge into one piece per gap, so both windows' worth of full frames are one piece each."""
+    """Two streams with grown 16 MiB windows, each behind one lost packet: both windows' worth
+    of full frames (large frames are kept apart, not copied into one) fit the budget of a
+    grown 64 MiB connection window."""
     params = TransportParams(stream_window=16 << 20, connection_window=64 << 20)
     c = Connection(params, False, 0.0)
     frame = 1104  # a full frame at the 1200-byte path MTU
@@ -144,7 +145,7 @@ def test_honest_reordering_on_several_streams_fits_the_budget() -> None:
             ]
             c.on_packet(pn, frames, 0.0)
             pn += 1
-    assert c._pieces.held == 2
+    assert c._pieces.held == 2 * n <= c._pieces.limit
     for sid in (0, 2):
         c.on_packet(pn, [StreamFrame(sid, 0, bytes(frame))], 0.0)  # the retransmissions
         pn += 1
@@ -372,3 +373,19 @@ def test_handshake_extensions_round_trip_and_reject_damage() -> None:
     for bad in (ext[:5], ext + ext, b"\x01\x04abcd", b"\x09"):
         with pytest.raises(MalformedError):
             pull_timestamp_ext(bad)
+
+
+def test_large_pieces_are_kept_apart_and_small_ones_merge() -> None:
+    """Behind a loss, full 64 KB frames stay the views they arrived as (no copying); a small
+    frame merges into the piece it continues; filling the gap delivers everything in order."""
+    r = RecvStream(1, 4 << 20)
+    packets = [bytes([i]) * 60_000 for i in range(3)]
+    for i, p in enumerate(packets):
+        r.on_frame(1000 + 60_000 * i, memoryview(p), False)
+    assert r.pieces == 3
+    assert all(isinstance(c, memoryview) for c in r._chunks.values())
+    r.on_frame(1000 + 180_000, b"tail", False)  # small: merges into the last piece
+    assert r.pieces == 3
+    data, _ = r.on_frame(0, b"x" * 1000, False)
+    assert bytes(data) == b"x" * 1000 + b"".join(packets) + b"tail"
+    assert r.pieces == 0
