@@ -62,7 +62,8 @@ class Stream:
         if data:
             chunks = self._chunks
             if len(data) >= _GATHER_BELOW:
-                chunks.append(data)
+                # (a bytearray at the tail must be one of ours: `_feed` appends to those)
+                chunks.append(bytes(data) if isinstance(data, bytearray) else data)
             else:
                 tail = chunks[-1] if chunks else None
                 if type(tail) is bytearray and len(tail) < _TAIL_MAX:
@@ -134,7 +135,8 @@ class Stream:
     async def read_chunks(self, n: int = 1 << 20) -> list[bytes | memoryview]:
         """What has arrived, up to `n` bytes, as the pieces it arrived in, without copying:
         a large packet's data is a read-only view of that decrypted packet (which it keeps in
-        memory while referenced). An empty list once the peer has finished the stream.
+        memory while referenced); pieces under 1 KiB come gathered into larger bytes (copied
+        once as they arrived). An empty list once the peer has finished the stream.
 
         For bulk consumers that hash or write what they read: `read` joins the pieces into
         one bytes object, a copy of every byte; this hands them over as they are."""

@@ -200,8 +200,8 @@ class Connection:
         self._local_max_data = params.connection_window
         self._conn_window = params.connection_window  # grows like a stream window does
         # Out-of-order pieces all streams together may hold: one per KiB of the connection
-        # window (as for one stream and its window), at least MAX_CHUNKS. Contiguous arrivals
-        # merge into one piece, so an honest sender needs one per gap (per lost packet).
+        # window (as for one stream and its window), at least MAX_CHUNKS. Small contiguous
+        # arrivals merge, so an honest sender's pieces hold at least 1 KiB each (or follow a gap).
         self._pieces = PieceBudget(self._piece_limit())
         self._conn_window_max = max(params.connection_window, params.connection_window_max)
         self._conn_last_update: float | None = None

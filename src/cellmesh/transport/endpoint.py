@@ -1013,7 +1013,7 @@ class Endpoint:
         # Large packets are copied once into the datagram and encrypted where they lie; for
         # small ones joining, encrypting and prefixing the header costs ~0.6 us less.
         in_place = conn.mtu >= SEAL_IN_PLACE_FROM
-        # (build_packet returns None exactly when wants_to_send would say no.)
+        # (build_packet_parts returns None exactly when wants_to_send would say no.)
         while sent < MAX_BURST:
             parts = build(s.send_counter, now)
             if parts is None:

@@ -18,9 +18,10 @@ from cellmesh.transport.ranges import RangeSet
 
 FLOW_CONTROL_ERROR = 3
 FINAL_SIZE_ERROR = 4
-# Out-of-order pieces one stream may hold. Contiguous arrivals merge into one piece, so an honest
-# sender needs one per gap, i.e. per lost packet still missing; a peer that slices data into tiny,
-# scattered pieces to burn our CPU and memory is refused.
+# Out-of-order pieces one stream may hold. A small arrival (under 1 KiB) merges with the piece it
+# continues, so every piece but those right after a gap holds at least 1 KiB: an honest sender
+# needs at most one piece per KiB plus one per gap; a peer that slices data into tiny, scattered
+# pieces to burn our CPU and memory is refused.
 MAX_CHUNKS = 8192
 # A grown window allows one piece per this many bytes of it: even with every other 1,100-byte
 # packet lost, a 16 MiB window's gaps fit.
@@ -316,8 +317,8 @@ class RecvStream:
         self.final_size: int | None = None
         self.fin_delivered = False
         self.reset_code: int | None = None
-        # Out-of-order pieces by start offset. Contiguous arrivals merge into one piece (a
-        # bytearray), so an honest sender needs one piece per gap, whatever its frame sizes.
+        # Out-of-order pieces by start offset. Small contiguous arrivals merge (into a
+        # bytearray), so pieces hold at least 1 KiB each, whatever the sender's frame sizes.
         self._chunks: dict[int, bytes | memoryview | bytearray] = {}
         self._offsets: list[int] = []
         self._buffered = RangeSet(limit=1 << 20)  # what the chunks cover: they never overlap
@@ -383,26 +384,30 @@ class RecvStream:
                     self._extend_piece(start, piece)
                 self._buffered.add(pos, stop)
                 after = self._chunks.get(stop)
-                if after is not None and (
-                    len(after) < CHUNK_BYTES_PER_PIECE
-                    or len(self._chunks[start]) < CHUNK_BYTES_PER_PIECE
-                ):  # the gap before the next piece is filled, and one of them is small
+                if after is not None and len(after) < CHUNK_BYTES_PER_PIECE:
+                    # The gap before a small piece is filled: take it in. (Never a large one:
+                    # small frames sent in descending order would copy the whole growing piece
+                    # each time, quadratic in the window.)
                     self._extend_piece(start, self._chunks.pop(stop))
                     del self._offsets[bisect_left(self._offsets, stop)]
                     self._budget.held -= 1
                 pos = stop
         parts: list[bytes | memoryview | bytearray] = []
-        while self._offsets:
-            first = self._offsets[0]
+        offsets = self._offsets
+        k = 0
+        while k < len(offsets):
+            first = offsets[k]
             if first > self.delivered:
                 break
+            k += 1
             chunk = self._chunks.pop(first)
-            del self._offsets[0]
-            self._budget.held -= 1
             chunk_end = first + len(chunk)
             if chunk_end > self.delivered:
                 parts.append(chunk[self.delivered - first :] if first < self.delivered else chunk)
                 self.delivered = chunk_end
+        if k:
+            del offsets[:k]  # (at once: one at a time is quadratic in the pieces delivered)
+            self._budget.held -= k
         self._buffered.remove_below(self.delivered)
         one = parts[0] if len(parts) == 1 else None
         if isinstance(one, (bytes, memoryview)):

@@ -389,3 +389,20 @@ def test_large_pieces_are_kept_apart_and_small_ones_merge() -> None:
     data, _ = r.on_frame(0, b"x" * 1000, False)
     assert bytes(data) == b"x" * 1000 + b"".join(packets) + b"tail"
     assert r.pieces == 0
+
+
+def test_small_frames_in_descending_order_never_grow_one_piece() -> None:
+    """Frames under 1 KiB sent last-first: each closes the gap before the piece after it. A
+    small piece takes in a following small one, never a large one, so no piece grows past
+    ~2 KiB (taking in the growing piece each time was quadratic: 8 MiB took ~10 s) and the
+    count stays within one piece per KiB."""
+    r = RecvStream(1, 4 << 20)
+    frame, n = 1000, 3000
+    data = bytes(i & 0xFF for i in range(frame * (n + 1)))
+    for i in range(n, 0, -1):
+        r.on_frame(frame * i, data[frame * i : frame * (i + 1)], False)
+        assert all(len(c) <= 2 * CHUNK_BYTES_PER_PIECE for c in r._chunks.values())
+    assert r.pieces <= n // 2 + 1
+    got, _ = r.on_frame(0, data[:frame], False)
+    assert bytes(got) == data
+    assert r.pieces == 0
