@@ -11,13 +11,16 @@ import time
 from collections.abc import Iterator
 from pathlib import Path
 
+import blake3
 import pytest
 
 from cellmesh.config import NodeConfig
 from cellmesh.identity.keys import Identity
+from cellmesh.node.transfer import FileHeader
 from cellmesh.transport.endpoint import Endpoint
-from cellmesh.transport.events import PingReply
+from cellmesh.transport.events import PingReply, StreamData
 from cellmesh.wire.header import HEADER_LEN, FrameType, pack_header
+from cellmesh.wire.messages import StreamFrame, push_message
 from conftest import CliRunner, NodeProcess
 
 Addr = tuple[str, int]
@@ -195,3 +198,54 @@ def test_node_survives_malformed_replayed_and_flooded_traffic(
     assert a.proc.poll() is None
     assert "Traceback" not in a.log_path.read_text()
     assert os.path.exists(a_home / "control.sock")
+
+
+def test_a_file_sent_as_one_byte_frames_arrives_whole(
+    tmp_path: Path,
+    cli: type[CliRunner],
+    node_factory: type[NodeProcess],
+    socket_peer: SocketPeer,
+) -> None:
+    """A peer that sends a file's bytes as one-byte STREAM frames, a thousand to a packet:
+    the receiving node gathers them (its `Stream` and `cp`'s batches hold a few large pieces,
+    not a Python object per byte), writes the file byte-exact and answers `ok`."""
+    home = tmp_path / "a"
+    cli.identity(home)
+    port = cli.free_port()
+    target = ("127.0.0.1", port)
+    node_factory(home, "--listen", f"127.0.0.1:{port}")
+    peer = socket_peer
+    peer.ep.connect(target, time.monotonic())
+    peer.pump(1.0)
+    node_cell = peer.ep.peers(time.monotonic())[0].cell_id
+    session = peer.ep.session_for(node_cell)
+    conn = peer.ep.connection(node_cell)
+    assert session is not None
+    assert conn is not None
+
+    payload = random.Random(5).randbytes(150_000)
+    header = FileHeader("tiny-frames.bin", len(payload), blake3.blake3(payload).hexdigest())
+    sid = peer.ep.open_stream(node_cell)
+    line = header.encode()
+    peer.ep.stream_write(node_cell, sid, line, time.monotonic())
+    peer.pump(0.3)  # the header goes the ordinary way (tracked, retransmitted if lost)
+    base = len(line)
+    for start in range(0, len(payload), 1000):  # then 150 packets of 1,000 one-byte frames
+        records = [
+            push_message(StreamFrame(sid, base + i, payload[i : i + 1], i == len(payload) - 1))
+            for i in range(start, min(len(payload), start + 1000))
+        ]
+        pn = session.send_counter
+        peer.sock.sendto(session.seal(b"".join(records), time.monotonic()), target)
+        conn.note_untracked(pn)
+        if start % 10_000 == 0:
+            peer.pump(0.05)  # (keep the session's acknowledgements flowing)
+    answer = b""
+    deadline = time.monotonic() + 15
+    while b"\n" not in answer and time.monotonic() < deadline:
+        peer.pump(0.2)
+        while (ev := peer.ep.next_event()) is not None:
+            if isinstance(ev, StreamData) and ev.stream_id == sid:
+                answer += ev.data
+    assert json.loads(answer.split(b"\n")[0])["ok"] is True, answer
+    assert (home / "inbox" / "tiny-frames.bin").read_bytes() == payload
